@@ -1,0 +1,25 @@
+"""fmnist_jax: train small vision models on Fashion-MNIST with JAX, Flax NNX and Optax.
+
+The pieces, one module each: :mod:`~fmnist_jax.data` (the IDX files),
+:mod:`~fmnist_jax.input_pipeline` (batches), :mod:`~fmnist_jax.models`,
+:mod:`~fmnist_jax.optim`, :mod:`~fmnist_jax.steps` (pure jitted steps),
+:mod:`~fmnist_jax.train` (the run), :mod:`~fmnist_jax.config` and :mod:`~fmnist_jax.cli`.
+"""
+
+from fmnist_jax.config import PRESETS, Config, preset
+from fmnist_jax.data import CLASS_NAMES, Dataset, Split, load_dataset
+from fmnist_jax.errors import UserError
+from fmnist_jax.models import CNN, MLP, CNNSeed, Conv, count_params, create_model, max_pool_2x2
+from fmnist_jax.optim import make_optimizer, make_schedule
+from fmnist_jax.steps import (TrainState, create_train_state, cross_entropy, eval_step,
+                              make_steps, train_step)
+from fmnist_jax.train import Result, fit, train_and_evaluate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLASS_NAMES", "CNN", "CNNSeed", "Config", "Conv", "Dataset", "MLP", "PRESETS", "Result",
+    "Split", "TrainState", "UserError", "count_params", "create_model", "create_train_state",
+    "cross_entropy", "eval_step", "fit", "load_dataset", "make_optimizer", "make_schedule",
+    "make_steps", "max_pool_2x2", "preset", "train_and_evaluate", "train_step",
+]

@@ -1,0 +1,83 @@
+"""A command line generated from a frozen dataclass: every field is a ``--flag``.
+
+Booleans take ``--flag``, ``--flag=false`` or ``--noflag``; tuples take comma-separated
+values. ``--preset=NAME`` starts from a named preset and the other flags override it. A bad
+flag or value ends the program with one line naming it and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from fmnist_jax.config import PRESETS, Config, preset
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _parser_type(annotation):
+    if annotation is bool:
+        return _bool
+    if typing.get_origin(annotation) is tuple:
+        return _int_tuple
+    return annotation
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return repr(value) if value == "" else str(value)
+
+
+def build_parser(cls=Config, prog: str = "fmnist-train", description: str = "",
+                 presets: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description or cls.__doc__)
+    if presets:
+        parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                            help="start from a named setup; other flags override it: "
+                                 + "; ".join(f"{k}: {v or 'the defaults'}"
+                                             for k, v in PRESETS.items()))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _parser_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} (default: {_show(f.default)})"
+        choices = f.metadata.get("choices")
+        if kind is _bool:
+            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
+                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--no{f.name}", dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, choices=choices,
+                                default=argparse.SUPPRESS, help=help_text,
+                                metavar=None if choices else f.name.upper())
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parses ``argv`` (default ``sys.argv[1:]``) into a validated :class:`Config`."""
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    name = args.pop("preset", None)
+    config = preset(name, **args) if name else Config(**args)
+    return config.validate()

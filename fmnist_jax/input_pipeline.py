@@ -1,0 +1,207 @@
+"""Getting batches to the step functions: device-resident (default) or streamed from tfds.
+
+Both pipelines feed the same jitted steps of :mod:`fmnist_jax.steps` and share one
+interface: ``train_epoch(state, epoch, steps)`` yields ``(state, metric_sums, num_steps)`` as
+it goes, and ``evaluate(state, split, steps)`` returns ``{"loss", "accuracy", "count"}``.
+
+- :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
+  are 43 MB). Every epoch draws a fresh permutation with ``jax.random`` and runs
+  ``steps_per_dispatch`` steps per host call inside a jitted ``lax.scan`` that gathers its
+  batches on the device, so the host is out of the loop.
+- :class:`TfdsStream`: reads ``fashion_mnist`` through ``tfds.data_source`` (random-access
+  ArrayRecord files; no TensorFlow needed once prepared) and streams batches from a
+  background thread that keeps two batches in flight to the device.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmnist_jax.data import CLASS_NAMES, Split
+from fmnist_jax.errors import UserError
+from fmnist_jax.steps import Steps, TrainState
+
+
+def finish(sums: dict) -> dict:
+    """Turns evaluation sums into means."""
+    count = float(sums["count"])
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
+            "count": int(count)}
+
+
+def pad_to_batches(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(batches, batch_size, ...) arrays and a 0/1 mask; padding repeats nothing real."""
+    n = len(split.labels)
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+    labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return (images.reshape(batches, batch_size, *split.images.shape[1:]),
+            labels.reshape(batches, batch_size), mask.reshape(batches, batch_size))
+
+
+class DeviceResident:
+    """Whole splits on the device; batches gathered inside a jitted scan."""
+
+    def __init__(self, train: Split, evals: dict[str, Split | None], *, batch_size: int, eval_batch_size: int, steps_per_dispatch: int,
+                 rng: jax.Array):
+        self.num_train = len(train.labels)
+        if not 0 < batch_size <= self.num_train:
+            raise UserError(f"--batch_size={batch_size} must be between 1 and the "
+                            f"{self.num_train} training images")
+        self.batch_size = batch_size
+        self.steps_per_epoch = self.num_train // batch_size
+        self.steps_per_dispatch = steps_per_dispatch
+        self.rng = rng
+        self.train = (jnp.asarray(train.images), jnp.asarray(train.labels))
+        self.evals = {name: tuple(map(jnp.asarray, pad_to_batches(split, eval_batch_size)))
+                      for name, split in evals.items() if split is not None}
+        self.has_validation = "validation" in self.evals
+
+    def epoch_order(self, epoch: int) -> jax.Array:
+        """The epoch's batches as (steps, batch) indices; the tail that fills no batch is
+        left out this epoch (a different tail every epoch)."""
+        perm = jax.random.permutation(jax.random.fold_in(self.rng, epoch), self.num_train)
+        used = self.steps_per_epoch * self.batch_size
+        return perm[:used].reshape(self.steps_per_epoch, self.batch_size)
+
+    def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
+                    ) -> Iterator[tuple[TrainState, dict, int]]:
+        order = self.epoch_order(epoch)
+        images, labels = self.train
+        for start in range(start_step, self.steps_per_epoch, self.steps_per_dispatch):
+            indices = order[start:start + self.steps_per_dispatch]
+            state, sums = steps.train_scan(state, images, labels, indices)
+            yield state, sums, indices.shape[0]
+
+    def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
+        return finish(steps.eval_scan(state, *self.evals[split]))
+
+
+class TfdsStream:
+    """``fashion_mnist`` from tensorflow-datasets, streamed from the host with prefetch.
+
+    The first ``validation_size`` examples of tfds's ``train`` split are the validation
+    split (tfds stores examples in its own shuffled order, so these are not the same images
+    as the IDX pipeline's validation split).
+    """
+
+    def __init__(self, *, batch_size: int, eval_batch_size: int,
+                 validation_size: int, seed: int, data_dir: str | None = None,
+                 manual_dir: str | None = None):
+        self.sources = load_tfds_sources(data_dir, manual_dir)
+        train = self.sources["train"]
+        if not 0 <= validation_size < len(train):
+            raise UserError(f"--validation_size={validation_size} must be in "
+                            f"[0, {len(train)}) (tfds train split size)")
+        self.train_index = np.arange(validation_size, len(train))
+        self.has_validation = validation_size > 0
+        self.split_index = {"validation": np.arange(validation_size),
+                            "test": np.arange(len(self.sources["test"]))}
+        self.num_train = len(self.train_index)
+        if not 0 < batch_size <= self.num_train:
+            raise UserError(f"--batch_size={batch_size} must be between 1 and the "
+                            f"{self.num_train} training images")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.steps_per_epoch = self.num_train // batch_size
+        self.seed = seed
+
+    def _gather(self, source, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        records = [source[int(i)] for i in index]
+        images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1)
+                           for r in records])
+        labels = np.asarray([r["label"] for r in records], np.int32)
+        return images, labels
+
+    def _stream(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Runs ``batches`` in a thread, two batches ahead, already on the device."""
+        slots: queue.Queue = queue.Queue(maxsize=2)
+        done = object()
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for batch in batches:
+                    if stop.is_set():
+                        return
+                    slots.put(jax.device_put(batch))
+                slots.put(done)
+            except BaseException as e:  # re-raised in the consumer
+                slots.put(e)
+
+        threading.Thread(target=produce, daemon=True).start()
+        try:
+            while (item := slots.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
+                    ) -> Iterator[tuple[TrainState, dict, int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.train_index)
+        source = self.sources["train"]
+
+        def batches():
+            for step in range(start_step, self.steps_per_epoch):
+                images, labels = self._gather(
+                    source, order[step * self.batch_size:(step + 1) * self.batch_size])
+                yield {"image": images, "label": labels}
+
+        for batch in self._stream(batches()):
+            state, metrics = steps.train_step(state, batch)
+            yield state, metrics, 1
+
+    def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
+        source = self.sources["train" if split == "validation" else "test"]
+        index = self.split_index[split]
+
+        def batches():
+            for start in range(0, len(index), self.eval_batch_size):
+                images, labels = self._gather(source, index[start:start + self.eval_batch_size])
+                padded = pad_to_batches(Split(images, labels), self.eval_batch_size)
+                yield {"image": padded[0][0], "label": padded[1][0], "mask": padded[2][0]}
+
+        sums = None
+        for batch in self._stream(batches()):
+            out = steps.eval_step(state, batch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        return finish(sums)
+
+
+def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None) -> dict:
+    """Random-access ``train`` and ``test`` sources of tfds's ``fashion_mnist``.
+
+    Reads prepared ArrayRecord data without TensorFlow. If the data is not prepared yet,
+    preparing it needs TensorFlow (``pip install 'fmnist_jax[tfds]'``); ``manual_dir`` may
+    hold the four official files (e.g. the ones this package found) so nothing is
+    downloaded.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise UserError(f"--data_source=tfds needs tensorflow-datasets ({e}); "
+                        "pip install tensorflow-datasets")
+    kwargs = {}
+    if manual_dir:
+        kwargs["download_and_prepare_kwargs"] = {
+            "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
+    try:
+        sources = tfds.data_source("fashion_mnist", split=["train", "test"],
+                                   data_dir=data_dir or None, **kwargs)
+    except ImportError as e:
+        raise UserError("tfds has no prepared fashion_mnist here, and preparing it needs "
+                        f"TensorFlow ({e}): pip install 'fmnist_jax[tfds]', or use "
+                        "--data_source=idx (the default, no TensorFlow)")
+    except Exception as e:  # tfds raises many types; the message is what matters here
+        raise UserError(f"tfds could not load fashion_mnist: {type(e).__name__}: {e}")
+    return {"train": sources[0], "test": sources[1], "class_names": CLASS_NAMES}
