@@ -13,9 +13,17 @@ from fmnist_jax.models import CNN, MLP, CNNSeed, Conv, count_params, create_mode
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.steps import (TrainState, create_train_state, cross_entropy, eval_step,
                               make_steps, train_step)
-from fmnist_jax.train import Result, fit, train_and_evaluate
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Imported lazily so that ``python -m fmnist_jax.train`` runs the module only once.
+    if name in ("Result", "fit", "train_and_evaluate"):
+        from fmnist_jax import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'fmnist_jax' has no attribute {name!r}")
 
 __all__ = [
     "CLASS_NAMES", "CNN", "CNNSeed", "Config", "Conv", "Dataset", "MLP", "PRESETS", "Result",

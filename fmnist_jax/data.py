@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import tempfile
-import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -112,10 +112,10 @@ def _fix_hint(path: Path) -> str:
 
 def _read_payload(path: Path) -> bytes:
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            return gzip.decompress(raw)
+        return raw
     except EOFError:
         raise UserError(f"{path} is truncated (the gzip stream ends early); {_fix_hint(path)}")
     except (gzip.BadGzipFile, zlib.error) as e:
@@ -174,11 +174,14 @@ def cache_dir() -> Path:
     return Path(base) / "fmnist_jax"
 
 
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt install dataset-fashion-mnist
+
+
 def known_locations() -> list[Path]:
     """Where the files are looked for when no directory is given, in order."""
     return [
         cache_dir(),
-        Path("/usr/share/datasets/fashion-mnist"),
+        DEBIAN_DIR,
         Path(os.path.expanduser("~")) / ".keras" / "datasets" / "fashion-mnist",
     ]
 
@@ -288,7 +291,7 @@ def _download_one(spec: IdxFile, target: Path, files: DatasetFiles) -> None:
             read_idx(tmp, spec)  # verify before it gets its real name
             os.replace(tmp, target)
             return
-        except (OSError, urllib.error.URLError, UserError) as e:
+        except (OSError, http.client.HTTPException, UserError) as e:
             errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
         finally:
             tmp.unlink(missing_ok=True)

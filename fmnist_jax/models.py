@@ -39,17 +39,25 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        if self.padding == "SAME":
-            lo, hi = (k - 1) // 2, k // 2
-            x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-        n, h, w, c = x.shape
-        ho, wo = h - k + 1, w - k + 1
-        # (N, Ho, Wo, k*k*C), patch element order (di, dj, c) = the kernel's row-major order.
-        patches = jnp.concatenate(
-            [x[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)], axis=-1)
-        kernel = self.kernel[...].reshape(k * k * c, -1)
-        return patches @ kernel + self.bias[...]
+        return conv2d(x, self.kernel[...], self.bias[...], self.padding)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: str = "SAME"):
+    """Stride-1 NHWC convolution with an HWIO kernel, as k*k shifted slices and one matmul.
+
+    The same function as ``lax.conv_general_dilated(x, kernel, (1, 1), padding) + bias``;
+    its autodiff gradients are slices, pads and matmuls, which XLA:CPU runs fast.
+    """
+    k = kernel.shape[0]
+    if padding == "SAME":
+        lo, hi = (k - 1) // 2, k // 2
+        x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    n, h, w, c = x.shape
+    ho, wo = h - k + 1, w - k + 1
+    # (N, Ho, Wo, k*k*C), patch element order (di, dj, c) = the kernel's row-major order.
+    patches = jnp.concatenate(
+        [x[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)], axis=-1)
+    return patches @ kernel.reshape(k * k * c, -1) + bias
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

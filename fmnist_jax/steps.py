@@ -86,14 +86,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     images = normalize(batch["image"])
     dropout_key = jax.random.fold_in(state.rng, state.step)
 
-    def objective(params):
-        model = nnx.merge(graphdef, params, state.model_state)
+    def objective(params, model_state):
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
         _, _, model_state = nnx.split(model, nnx.Param, ...)
         return loss_fn(logits, batch["label"]).mean(), (logits, model_state)
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
+        state.params, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = (logits.argmax(-1) == batch["label"]).mean()

@@ -1,0 +1,115 @@
+"""Losses and the pure train and eval steps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from fmnist_jax.models import create_model
+from fmnist_jax.steps import (cross_entropy, make_loss, make_steps, create_train_state,
+                              normalize, PIXEL_MEAN, PIXEL_STD)
+
+
+def test_sparse_and_categorical_losses_agree():
+    logits = jax.random.normal(jax.random.key(0), (64, 10)) * 3
+    labels = jax.random.randint(jax.random.key(1), (64,), 0, 10)
+    sparse = cross_entropy(logits, labels, loss="sparse")
+    categorical = cross_entropy(logits, labels, loss="categorical")
+    np.testing.assert_allclose(sparse, categorical, rtol=1e-5, atol=1e-6)
+    # And both equal -log softmax at the label.
+    np.testing.assert_allclose(
+        sparse, -jax.nn.log_softmax(logits)[jnp.arange(64), labels], rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_value():
+    logits = jnp.array([[2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    logp = jax.nn.log_softmax(logits)[0]
+    expected = -(0.9 * logp[0] + 0.01 * logp.sum())  # (1 - a) one-hot + a / 10, a = 0.1
+    for loss in ("sparse", "categorical"):
+        value = cross_entropy(logits, jnp.array([0]), loss=loss, label_smoothing=0.1)
+        assert float(value[0]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        make_loss("hinge")
+
+
+def test_normalize():
+    out = normalize(jnp.array([0, 255], jnp.uint8))
+    np.testing.assert_allclose(out, [-PIXEL_MEAN / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD],
+                               rtol=1e-6)
+
+
+def _setup(name="cnn", tx=None):
+    model = create_model(name, rngs=nnx.Rngs(0), features=(8, 16), dense=32)
+    tx = tx or optax.adam(3e-3)
+    graphdef, state = create_train_state(model, tx, jax.random.key(1))
+    return graphdef, state, make_steps(graphdef, tx, make_loss())
+
+
+def _batch(n=32, seed=0):
+    images = jax.random.randint(jax.random.key(seed), (n, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    return {"image": images, "label": jnp.arange(n) % 10}
+
+
+def test_train_step_learns_and_updates_batch_stats():
+    graphdef, state, steps = _setup()
+    before_stats = jax.tree.map(np.asarray, state.model_state)
+    batch = _batch()
+    first = None
+    for _ in range(30):
+        state, metrics = steps.train_step(state, batch)
+        first = first if first is not None else float(metrics["loss"])
+    assert int(state.step) == 30
+    assert float(metrics["loss"]) < 0.5 * first
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before_stats,
+                           jax.tree.map(np.asarray, state.model_state))
+    assert all(jax.tree.leaves(changed))  # running mean and variance moved
+
+
+def test_train_step_donates_the_state():
+    _, state, steps = _setup("mlp")
+    old = state
+    state, _ = steps.train_step(state, _batch())
+    assert jax.tree.leaves(old.params)[0].is_deleted()
+
+
+def test_dropout_key_depends_on_step():
+    # Same batch, same parameters, different steps: dropout masks differ, so the gradients
+    # (and the resulting parameters) differ.
+    graphdef, state, steps = _setup("mlp", optax.sgd(0.1))
+    a, _ = steps.train_step(jax.tree.map(jnp.copy, state), _batch())
+    b, _ = steps.train_step(jax.tree.map(jnp.copy, state.replace(step=jnp.int32(7))), _batch())
+    assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(b.params)[0])
+
+
+def test_eval_step_masks_padding():
+    _, state, steps = _setup()
+    batch = _batch(8)
+    full = steps.eval_step(state, batch)
+    masked = steps.eval_step(state, {**batch, "mask": jnp.array([1.0] * 5 + [0.0] * 3)})
+    first5 = steps.eval_step(state, {k: v[:5] for k, v in batch.items()})
+    assert float(full["count"]) == 8 and float(masked["count"]) == 5
+    np.testing.assert_allclose(masked["loss"], first5["loss"], rtol=1e-5)
+    assert float(masked["correct"]) == float(first5["correct"])
+
+
+def test_scan_equals_single_steps():
+    _, state, steps = _setup("mlp")
+    images = jax.random.randint(jax.random.key(3), (64, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    labels = jnp.arange(64) % 10
+    indices = jnp.arange(64).reshape(4, 16)
+    one = jax.tree.map(jnp.copy, state)
+    losses = []
+    for idx in indices:
+        one, m = steps.train_step(one, {"image": images[idx], "label": labels[idx]})
+        losses.append(float(m["loss"]))
+    scanned, sums = steps.train_scan(state, images, labels, indices)
+    np.testing.assert_allclose(float(sums["loss"]), sum(losses), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(scanned.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
