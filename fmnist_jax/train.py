@@ -24,7 +24,7 @@ from flax import nnx
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax.cli import parse_config
 from fmnist_jax.config import Config
-from fmnist_jax.data import Dataset, load_dataset
+from fmnist_jax.data import Dataset, find_files, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
 from fmnist_jax.models import count_params, create_model
@@ -52,12 +52,20 @@ def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array):
     if config.data_source == "tfds" and data is None:
         return TfdsStream(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                           validation_size=config.validation_size, seed=config.seed,
-                          data_dir=config.data_dir or None)
+                          data_dir=config.data_dir or None, manual_dir=_local_idx_dir())
     if data is None:
         data = load_dataset(config.data_dir or None, config.validation_size)
     return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
                           batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                           steps_per_dispatch=config.steps_per_dispatch, rng=data_key)
+
+
+def _local_idx_dir() -> str | None:
+    """The local official files, if any: tfds prepares from them instead of downloading."""
+    try:
+        return str(find_files(None, download=False)["train_images"].parent)
+    except UserError:
+        return None
 
 
 def _learning_rate(schedule: Callable | None, state: TrainState) -> float | None:
