@@ -63,9 +63,16 @@ class Config:
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
     eval_batch_size: int = _f(1000, "images per evaluation step")
     steps_per_dispatch: int = _f(100, "training steps run on the device per host call")
-    # Output.
-    workdir: str = _f("", "directory for config.json, metrics.jsonl and summary.json; "
-                          "empty: runs/<model>-<time>")
+    # Output and checkpoints.
+    workdir: str = _f("", "directory for checkpoints, config.json, metrics.jsonl and "
+                          "summary.json; a workdir with checkpoints is resumed; empty: "
+                          "runs/<model>-<time>")
+    fresh: bool = _f(False, "start over in a workdir that has checkpoints (the old ones "
+                            "are moved to <workdir>/previous-<time>/)")
+    checkpoint_every_steps: int = _f(0, "also checkpoint every N optimizer steps (at the "
+                                        "next dispatch boundary); 0: only every epoch")
+    keep_checkpoints: int = _f(3, "checkpoints kept: the newest N, plus the best by "
+                                  "--monitor")
     progress: bool = _f(True, "show a progress bar")
 
     def replace(self, **changes) -> Config:
@@ -116,6 +123,8 @@ class Config:
             (0 < len(self.features) <= 4 and min(self.features) > 0,
              "--features needs 1 to 4 positive channel counts"),
             (self.dense > 0, "--dense must be positive"),
+            (self.checkpoint_every_steps >= 0, "--checkpoint_every_steps must be 0 or more"),
+            (self.keep_checkpoints >= 1, "--keep_checkpoints must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

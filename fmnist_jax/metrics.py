@@ -40,17 +40,25 @@ def _clean(value):
     return value
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as indented JSON, atomically."""
+def _write_atomically(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    _write_atomically(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Writes ``records`` one per line, atomically (replacing the file)."""
+    _write_atomically(path, "".join(json.dumps(_clean(r)) + "\n" for r in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -4,15 +4,21 @@
 
 Each epoch trains on the training split and evaluates on the validation split; at the end
 the test split is evaluated once (with the best weights when early stopping is on). With a
-workdir, the run writes ``config.json``, ``metrics.jsonl`` (one line per epoch) and
-``summary.json`` there.
+workdir, the run writes ``config.json``, ``metrics.jsonl`` (one line per epoch),
+``summary.json`` and Orbax checkpoints there, and a run started again on the same workdir
+resumes exactly where the last one stopped. SIGINT (Ctrl-C) or SIGTERM finishes the current
+dispatch of steps, writes a checkpoint and exits; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,6 +28,7 @@ import optax
 from flax import nnx
 
 from fmnist_jax import metrics as metrics_lib
+from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, config_dict, move_aside
 from fmnist_jax.cli import parse_config
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, find_files, load_dataset
@@ -30,6 +37,15 @@ from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
 from fmnist_jax.models import count_params, create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.steps import LossFn, Steps, TrainState, create_train_state, make_loss, make_steps
+
+
+class Preempted(UserError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int, workdir=None):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.workdir = workdir
 
 
 @dataclasses.dataclass
@@ -46,6 +62,72 @@ class Result:
     def model(self) -> nnx.Module:
         """The trained model as an NNX module."""
         return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where training stands: the epoch in progress, steps done in it, its running sums."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    loss_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    wall_time_s: float = 0.0  # spent by earlier processes of this run
+    stopped_early: bool = False
+
+
+class _Monitor:
+    """Early stopping: the best epoch by the monitored metric, and a copy of its state."""
+
+    def __init__(self, config: Config):
+        self.key = config.monitor
+        self.sign = -1.0 if config.monitor == "val_loss" else 1.0
+        self.patience = config.patience
+        self.best_value = -float("inf")
+        self.best_epoch = 0
+        self.best_step = 0
+        self.best_state: TrainState | None = None
+
+    def update(self, epoch: int, record: dict, state: TrainState) -> bool:
+        """Returns True when training should stop."""
+        value = self.sign * record[self.key]
+        if value > self.best_value:
+            self.best_value, self.best_epoch, self.best_step = value, epoch, record["step"]
+            if self.patience:
+                self.best_state = jax.tree.map(jnp.copy, state)  # ``state`` gets donated
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def to_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch,
+                "best_step": self.best_step}
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: ask the loop to checkpoint and stop. Second: exit at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, "
+              "then stopping (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array):
@@ -75,26 +157,6 @@ def _learning_rate(schedule: Callable | None, state: TrainState) -> float | None
     return None if found is None else float(found)
 
 
-class _Monitor:
-    """Early stopping: remembers the best epoch and a copy of its state."""
-
-    def __init__(self, config: Config):
-        self.key = config.monitor
-        self.sign = -1.0 if config.monitor == "val_loss" else 1.0
-        self.patience = config.patience
-        self.best_value = -float("inf")
-        self.best_epoch = 0
-        self.best_state: TrainState | None = None
-
-    def update(self, epoch: int, record: dict, state: TrainState) -> bool:
-        """Returns True when training should stop."""
-        value = self.sign * record[self.key]
-        if value > self.best_value:
-            self.best_value, self.best_epoch = value, epoch
-            self.best_state = jax.tree.map(jnp.copy, state)  # ``state`` gets donated
-        return epoch - self.best_epoch >= self.patience
-
-
 def fit(config: Config = Config(), *, model: nnx.Module | None = None,
         optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
         data: Dataset | None = None, workdir: str | None = None) -> Result:
@@ -103,72 +165,129 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     ``model``, ``optimizer`` and ``loss_fn`` replace the named ones of ``config``: any NNX
     module called as ``model(x, train=..., rngs=...)``, any optax transformation, and any
     ``loss_fn(logits, labels) -> per-example loss``. ``data`` replaces loading Fashion-MNIST.
-    ``workdir`` (default ``config.workdir``; empty writes nothing) receives the run's files.
+    ``workdir`` (default ``config.workdir``; empty writes nothing) receives the run's files
+    and checkpoints; if it holds checkpoints of the same run, training resumes from them.
     """
     config.validate()
-    started = time.perf_counter()
     workdir = workdir if workdir is not None else config.workdir
     out = metrics_lib.prepare_workdir(workdir) if workdir else None
-    init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
-
-    pipeline = _make_pipeline(config, data, data_key)
-    steps_per_epoch = pipeline.steps_per_epoch
-    model_name = config.model if model is None else type(model).__name__
-    if model is None:
-        model = create_model(config.model, rngs=nnx.Rngs(params=init_key),
-                             **config.model_kwargs())
-    schedule = None
-    if optimizer is None:
-        schedule = make_schedule(config.schedule, config.learning_rate,
-                                 config.epochs * steps_per_epoch, steps_per_epoch,
-                                 warmup_epochs=config.warmup_epochs,
-                                 decay_rate=config.decay_rate)
-        optimizer = make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                                   nesterov=config.nesterov, weight_decay=config.weight_decay,
-                                   clip_grad_norm=config.clip_grad_norm)
-    loss_fn = loss_fn or make_loss(config.loss, config.label_smoothing)
-    num_params = count_params(model)
-    graphdef, state = create_train_state(model, optimizer, dropout_key)
-    steps = make_steps(graphdef, optimizer, loss_fn)
-    has_validation = pipeline.has_validation
-
-    if out:
-        metrics_lib.write_json(out / "config.json", dataclasses.asdict(config))
-        writer = metrics_lib.JsonlWriter(out / "metrics.jsonl")
-    print(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
-          f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
-          f"{steps_per_epoch} steps x {config.batch_size}, on {jax.default_backend()}"
-          + (f"; writing to {out}" if out else ""), flush=True)
-
-    monitor = _Monitor(config) if config.patience else None
-    history: list[dict] = []
-    throughput: list[float] = []
+    lock = WorkdirLock(out) if out else None
     try:
-        for epoch in range(1, config.epochs + 1):
-            record = _train_one_epoch(pipeline, steps, state, epoch, config, steps_per_epoch)
-            state = record.pop("_state")
-            throughput.append(record["images_per_s"])
-            record["learning_rate"] = _learning_rate(schedule, state)
-            if has_validation:
-                val = pipeline.evaluate(state, "validation", steps)
-                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            record["wall_time_s"] = time.perf_counter() - started
-            history.append(record)
-            if out:
-                writer.write(record)
-            _print_epoch(record, config.epochs)
-            if monitor and monitor.update(epoch, record, state):
-                print(f"early stopping: no {config.monitor} improvement for "
-                      f"{config.patience} epochs; restoring epoch {monitor.best_epoch}")
-                break
+        return _fit(config, model, optimizer, loss_fn, data, out)
     finally:
-        if out:
-            writer.close()
+        if lock:
+            lock.release()
 
-    if monitor and monitor.best_state is not None:
-        state = monitor.best_state
-    test = pipeline.evaluate(state, "test", steps)
-    final_val = pipeline.evaluate(state, "validation", steps) if has_validation else None
+
+def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
+    started = time.perf_counter()
+    init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
+    with _StopOnSignal(enabled=out is not None) as stop:
+        pipeline = _make_pipeline(config, data, data_key)
+        steps_per_epoch = pipeline.steps_per_epoch
+        model_name = config.model if model is None else type(model).__name__
+        if model is None:
+            model = create_model(config.model, rngs=nnx.Rngs(params=init_key),
+                                 **config.model_kwargs())
+        schedule = None
+        if optimizer is None:
+            schedule = make_schedule(config.schedule, config.learning_rate,
+                                     config.epochs * steps_per_epoch, steps_per_epoch,
+                                     warmup_epochs=config.warmup_epochs,
+                                     decay_rate=config.decay_rate)
+            optimizer = make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                       nesterov=config.nesterov,
+                                       weight_decay=config.weight_decay,
+                                       clip_grad_norm=config.clip_grad_norm)
+        loss_fn = loss_fn or make_loss(config.loss, config.label_smoothing)
+        num_params = count_params(model)
+        graphdef, state = create_train_state(model, optimizer, dropout_key)
+        steps = make_steps(graphdef, optimizer, loss_fn)
+
+        print(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
+              f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
+              f"{steps_per_epoch} steps x {config.batch_size}, on {jax.default_backend()}"
+              + (f"; writing to {out}" if out else ""), flush=True)
+        position, history, monitor = _Position(), [], _Monitor(config)
+        ckpt = writer = None
+        if out:
+            if config.fresh and (moved := move_aside(out)):
+                print(f"--fresh: moved the previous run's files to {moved}")
+            ckpt = Checkpoints(out, keep=config.keep_checkpoints, monitor=config.monitor)
+            state, position, history = _resume(ckpt, state, config, monitor, steps_per_epoch)
+            metrics_lib.write_json(out / "config.json", config_dict(config))
+            metrics_lib.write_jsonl(out / "metrics.jsonl", history)
+            writer = metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True)
+        if stop.signum is not None:
+            raise Preempted("interrupted before training started; nothing to save",
+                            stop.signum)
+
+        def meta() -> dict:
+            return {"config": config_dict(config), "epoch": position.epoch,
+                    "step_in_epoch": position.step_in_epoch, "loss_sum": position.loss_sum,
+                    "accuracy_sum": position.accuracy_sum, "history": history,
+                    "monitor": monitor.to_dict(), "stopped_early": position.stopped_early,
+                    "wall_time_s": position.wall_time_s + time.perf_counter() - started}
+
+        def after_dispatch(state: TrainState, last_saved: list[int]) -> None:
+            step = int(state.step)
+            every = config.checkpoint_every_steps
+            at_epoch_end = position.step_in_epoch == steps_per_epoch  # saved there anyway
+            if ckpt and every and not at_epoch_end and step // every > last_saved[0] // every:
+                ckpt.save(state, meta())
+                last_saved[0] = step
+            if ckpt and stop.signum is not None and not at_epoch_end:
+                ckpt.save(state, meta())
+                ckpt.wait()
+                raise Preempted(_stopped_message(out, position, steps_per_epoch, step),
+                                stop.signum, out)
+
+        throughput: list[float] = []
+        try:
+            while position.epoch <= config.epochs and not position.stopped_early:
+                epoch = position.epoch
+                state, seconds, done = _train_one_epoch(
+                    pipeline, steps, state, config, steps_per_epoch, position, after_dispatch)
+                record = {"epoch": epoch, "step": int(state.step),
+                          "learning_rate": _learning_rate(schedule, state),
+                          "train_loss": position.loss_sum / steps_per_epoch,
+                          "train_accuracy": position.accuracy_sum / steps_per_epoch,
+                          "epoch_time_s": seconds,
+                          "images_per_s": done * config.batch_size / seconds}
+                throughput.append(record["images_per_s"])
+                if pipeline.has_validation:
+                    val = pipeline.evaluate(state, "validation", steps)
+                    record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                record["wall_time_s"] = (position.wall_time_s + time.perf_counter()
+                                         - started)
+                history.append(record)
+                position.stopped_early = (pipeline.has_validation and
+                                          monitor.update(epoch, record, state))
+                position.epoch, position.step_in_epoch = epoch + 1, 0
+                position.loss_sum = position.accuracy_sum = 0.0
+                if ckpt:
+                    ckpt.save(state, meta(), metrics=_checkpoint_metrics(record))
+                if writer:
+                    writer.write(record)
+                _print_epoch(record, config.epochs)
+                if position.stopped_early:
+                    print(f"early stopping: no {config.monitor} improvement for "
+                          f"{config.patience} epochs; restoring epoch {monitor.best_epoch}")
+                if ckpt and stop.signum is not None and position.epoch <= config.epochs:
+                    ckpt.wait()
+                    raise Preempted(_stopped_message(out, position, steps_per_epoch,
+                                                     int(state.step)), stop.signum, out)
+        finally:
+            if writer:
+                writer.close()
+            if ckpt:
+                ckpt.close()
+
+        if monitor.patience and monitor.best_state is not None:
+            state = monitor.best_state
+        test = pipeline.evaluate(state, "test", steps)
+        final_val = (pipeline.evaluate(state, "validation", steps)
+                     if pipeline.has_validation else None)
     summary = {
         "model": model_name,
         "num_params": num_params,
@@ -179,11 +298,11 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
         "val_loss": final_val["loss"] if final_val else None,
         "train_accuracy": history[-1]["train_accuracy"] if history else None,
         "epochs": len(history),
-        "best_epoch": monitor.best_epoch if monitor else len(history),
+        "best_epoch": monitor.best_epoch if monitor.patience else len(history),
         "steps": int(state.step),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": position.wall_time_s + time.perf_counter() - started,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
-        # Steady state: the first epoch includes compilation.
+        # Steady state: the first epoch of a process includes compilation.
         "train_images_per_s": (statistics.median(throughput[1:] or throughput)
                                if throughput else None),
         "jax_backend": jax.default_backend(),
@@ -198,26 +317,70 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     return Result(state, graphdef, history, summary, steps)
 
 
-def _train_one_epoch(pipeline, steps: Steps, state: TrainState, epoch: int, config: Config,
-                     steps_per_epoch: int) -> dict:
+def _checkpoint_metrics(record: dict) -> dict | None:
+    if "val_accuracy" not in record:
+        return None
+    return {"val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"],
+            "step": record["step"]}
+
+
+def _resume(ckpt: Checkpoints, state: TrainState, config: Config, monitor: _Monitor,
+            steps_per_epoch: int) -> tuple[TrainState, _Position, list[dict]]:
+    restored = ckpt.restore_latest(state, config_dict(config))
+    if restored is None:
+        return state, _Position(), []
+    state, meta = restored
+    position = _Position(meta["epoch"], meta["step_in_epoch"], meta["loss_sum"],
+                         meta["accuracy_sum"], meta["wall_time_s"], meta["stopped_early"])
+    m = meta["monitor"]
+    monitor.best_value, monitor.best_epoch, monitor.best_step = (
+        m["best_value"], m["best_epoch"], m["best_step"])
+    if config.patience and monitor.best_epoch:
+        monitor.best_state = (jax.tree.map(jnp.copy, state)
+                              if monitor.best_step == int(state.step)
+                              else ckpt.restore(monitor.best_step, state)[0])
+    done = position.epoch > config.epochs or position.stopped_early
+    print(f"resuming from checkpoint {ckpt.directory / str(int(state.step))}: "
+          + ("training is complete; evaluating" if done else
+             f"epoch {position.epoch}, step {position.step_in_epoch} of {steps_per_epoch}"),
+          flush=True)
+    return state, position, meta["history"]
+
+
+def _stopped_message(out, position: _Position, steps_per_epoch: int, step: int) -> str:
+    return (f"stopped at step {step} (epoch {position.epoch}, step {position.step_in_epoch} "
+            f"of {steps_per_epoch}); checkpoint saved in {out / 'checkpoints'}. Run the same "
+            f"command with --workdir={out} to resume")
+
+
+def _train_one_epoch(pipeline, steps: Steps, state: TrainState, config: Config,
+                     steps_per_epoch: int, position: _Position, after_dispatch
+                     ) -> tuple[TrainState, float, int]:
+    """Trains from ``position`` to the end of its epoch, updating ``position`` as it goes.
+
+    Returns the state, the seconds spent and the number of steps run by this call.
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    done, loss_sum, acc_sum = 0, 0.0, 0.0
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
+    done = 0
+    last_saved = [int(state.step)]
+    with tqdm(total=steps_per_epoch, initial=position.step_in_epoch,
+              desc=f"epoch {position.epoch}/{config.epochs}", unit="step",
               disable=not config.progress, leave=False, file=sys.stderr) as bar:
-        for state, sums, n in pipeline.train_epoch(state, epoch, steps):
-            loss_sum += float(sums["loss"])  # one host sync per dispatch
-            acc_sum += float(sums["accuracy"])
+        for state, sums, n in pipeline.train_epoch(state, position.epoch, steps,
+                                                   position.step_in_epoch):
+            position.loss_sum += float(sums["loss"])  # one host sync per dispatch
+            position.accuracy_sum += float(sums["accuracy"])
+            position.step_in_epoch += n
             done += n
             bar.update(n)
             rate = done * config.batch_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss_sum / done:.4f}", acc=f"{acc_sum / done:.4f}",
+            bar.set_postfix(loss=f"{position.loss_sum / position.step_in_epoch:.4f}",
+                            acc=f"{position.accuracy_sum / position.step_in_epoch:.4f}",
                             img_s=f"{rate:,.0f}")
-    seconds = time.perf_counter() - start
-    return {"epoch": epoch, "step": int(state.step), "train_loss": loss_sum / max(done, 1),
-            "train_accuracy": acc_sum / max(done, 1), "epoch_time_s": seconds,
-            "images_per_s": done * config.batch_size / seconds, "_state": state}
+            after_dispatch(state, last_saved)
+    return state, time.perf_counter() - start, done
 
 
 def _print_epoch(r: dict, epochs: int) -> None:
@@ -230,7 +393,7 @@ def _print_epoch(r: dict, epochs: int) -> None:
 
 
 def train_and_evaluate(config: Config, workdir: str) -> Result:
-    """Trains with ``config``, writing the run's files into ``workdir``."""
+    """Trains with ``config``, writing the run's files and checkpoints into ``workdir``."""
     return fit(config, workdir=workdir)
 
 
@@ -239,9 +402,14 @@ def default_workdir(config: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
         train_and_evaluate(config, config.workdir or default_workdir(config))
+    except Preempted as e:
+        print(f"fmnist-train: {e}:\n  python -m fmnist_jax.train "
+              f"{shlex.join(_with_workdir(argv, e))}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"fmnist-train: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -249,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         print("fmnist-train: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _with_workdir(argv: list[str], e: Preempted) -> list[str]:
+    """The command line to resume: the same flags, with the workdir made explicit."""
+    args = [a for a in argv if not a.startswith("--fresh")]
+    if e.workdir is None or any(a.startswith("--workdir") for a in args):
+        return args
+    return [*args, f"--workdir={e.workdir}"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Classify images with a trained workdir.
+
+    python -m fmnist_jax.predict --workdir=runs/cnn shoe.png shirt.jpg
+    python -m fmnist_jax.predict --workdir=runs/cnn --test_index=0 --test_index=17
+
+Library: ``model = load_model(workdir)`` then ``predict(model, images) -> probabilities``.
+
+How a picture becomes a Fashion-MNIST input (:func:`image_to_input`):
+
+1. It must be a PNG, JPEG or another format Pillow reads, at most 4096 px on a side and
+   not empty; anything else is refused with a message.
+2. Transparency is flattened onto white; colour becomes grayscale (ITU-R 601-2 luma).
+3. Fashion-MNIST shows light garments on a black background: when the image's border is
+   mostly light (mean above 127, as in a product photo on white), it is inverted.
+4. A non-square image is padded to a square with black, centred; then it is resized to
+   28x28 (Lanczos). A 28x28 grayscale image with a dark border passes unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fmnist_jax.checkpoints import Loaded, load_state
+from fmnist_jax.cli import _Parser
+from fmnist_jax.data import CLASS_NAMES, load_dataset
+from fmnist_jax.errors import UserError
+
+MAX_SIDE = 4096
+
+
+def load_model(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Loaded:
+    """A trained model from ``workdir`` (``best``, ``latest`` or a step number)."""
+    return load_state(workdir, checkpoint)
+
+
+def predict(model: Loaded, images) -> np.ndarray:
+    """Class probabilities ``(N, 10)`` for uint8 images ``(N, 28, 28)`` or ``(N, 28, 28, 1)``."""
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or images.shape[1:3] != (28, 28):
+        raise UserError(f"images must be (N, 28, 28) or (N, 28, 28, 1), got {images.shape}")
+    return np.asarray(jax.nn.softmax(model.predict_logits(images), axis=-1))
+
+
+def image_to_input(path: str | os.PathLike) -> np.ndarray:
+    """Reads one picture and converts it by the module's rules into uint8 (28, 28)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty")
+    try:
+        with Image.open(path) as img:
+            if max(img.size) > MAX_SIDE:
+                raise UserError(f"{path} is {img.size[0]}x{img.size[1]} px, larger than "
+                                f"{MAX_SIDE} px on a side; resize it first")
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
+                                                    "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGBA", rgba.size, "white")
+                img.alpha_composite(rgba)
+            gray = np.asarray(img.convert("L"), np.uint8)
+    except UserError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path} is not an image Pillow can read ({type(e).__name__})")
+    except OSError as e:
+        raise UserError(f"{path} cannot be read as an image ({e})")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > 127:
+        gray = 255 - gray
+    h, w = gray.shape
+    side = max(h, w)
+    square = np.zeros((side, side), np.uint8)
+    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
+    if side == 28:
+        return square
+    return np.asarray(Image.fromarray(square).resize((28, 28), Image.LANCZOS), np.uint8)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="fmnist-predict", description="Classify 28x28 grayscale images "
+                     "(others are converted; see the module docstring) with a trained run.")
+    parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--workdir", required=True, help="the training run's workdir")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best, latest or a step number (default: best)")
+    parser.add_argument("--test_index", type=int, action="append", default=[],
+                        help="classify test image N (repeatable)")
+    parser.add_argument("--data_dir", default="", help="Fashion-MNIST files, for --test_index")
+    parser.add_argument("--top", type=int, default=1, help="classes shown per image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if not args.images and not args.test_index:
+            raise UserError("give image files and/or --test_index=N")
+        names, inputs, truth = [], [], []
+        for path in args.images:
+            inputs.append(image_to_input(path))
+            names.append(path)
+            truth.append(None)
+        if args.test_index:
+            test = load_dataset(args.data_dir or None, validation_size=0).test
+            for i in args.test_index:
+                if not 0 <= i < len(test.labels):
+                    raise UserError(f"--test_index={i} must be in [0, {len(test.labels)})")
+                inputs.append(test.images[i, ..., 0])
+                names.append(f"test[{i}]")
+                truth.append(CLASS_NAMES[test.labels[i]])
+        model = load_model(args.workdir, args.checkpoint)
+        probs = predict(model, np.stack(inputs))
+    except UserError as e:
+        print(f"fmnist-predict: error: {e}", file=sys.stderr)
+        return e.exit_code
+    for name, p, true in zip(names, probs, truth):
+        top = np.argsort(-p)[:max(args.top, 1)]
+        guesses = ", ".join(f"{CLASS_NAMES[k]} {100 * p[k]:.1f}%" for k in top)
+        suffix = "" if true is None else f"  (true: {true})"
+        print(f"{name}: {guesses}{suffix}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

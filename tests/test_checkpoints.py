@@ -1,0 +1,221 @@
+"""Orbax checkpoints: round trips, exact resumption after SIGKILL and SIGTERM, fallbacks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_dataset
+
+from fmnist_jax import Config, fit
+from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, load_state
+from fmnist_jax.errors import UserError
+from fmnist_jax.metrics import read_jsonl
+
+TINY = dict(model="cnn", features=(8,), dense=16, batch_size=32, progress=False,
+            steps_per_dispatch=5)
+TIME_KEYS = ("wall_time_s", "epoch_time_s", "images_per_s")
+
+
+def _same_numbers(records_a, records_b):
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]  # noqa
+    assert strip(records_a) == strip(records_b)
+
+
+def _assert_states_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip(tmp_path):
+    config = Config(epochs=2, **TINY)
+    result = fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    loaded = load_state(tmp_path, "latest")
+    assert loaded.step == 2 * (512 // 32) and loaded.config == config
+    _assert_states_equal(loaded.state, result.state)  # params, BN stats, Adam moments, key
+    logits = loaded.predict_logits(tiny_dataset().test.images[:8])
+    np.testing.assert_allclose(logits, result.steps.predict(result.state,
+                                                            tiny_dataset().test.images[:8]))
+
+
+def test_keeps_latest_and_best(tmp_path):
+    # A learning rate that makes validation accuracy peak early and then fall.
+    config = Config(epochs=6, keep_checkpoints=2, checkpoint_every_steps=5, optimizer="sgd",
+                    momentum=0.0, learning_rate=3.0, schedule="constant", **TINY)
+    result = fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    accs = [r["val_accuracy"] for r in result.history]
+    best_epoch = accs.index(max(accs)) + 1
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert steps[-2:] == [5 * 16 + 15, 6 * 16]  # the newest two (one mid-epoch)
+    assert best_epoch * 16 in steps and len(steps) == 2 + (best_epoch * 16 < 5 * 16 + 15)
+    assert load_state(tmp_path, "best").step == best_epoch * 16
+
+
+def test_resume_in_process_is_bitwise(tmp_path):
+    config = Config(epochs=3, checkpoint_every_steps=7, keep_checkpoints=100, **TINY)
+    whole = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "whole"))
+    # As if the run had died at step 25: drop every later checkpoint. The newest left is
+    # step 21, 5 steps into epoch 2 (16 steps an epoch, dispatches of 5).
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path / "cut"))
+    for p in (tmp_path / "cut" / "checkpoints").iterdir():
+        if int(p.name) > 25:
+            shutil.rmtree(p)
+    assert Checkpoints(tmp_path / "cut").read_meta(21)["step_in_epoch"] == 5
+    resumed = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "cut"))
+    _assert_states_equal(resumed.state, whole.state)
+    _same_numbers(resumed.history, whole.history)
+    _same_numbers(read_jsonl(tmp_path / "cut" / "metrics.jsonl"), whole.history)
+    assert resumed.summary["test_loss"] == whole.summary["test_loss"]
+
+
+def test_other_model_is_refused(tmp_path):
+    fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    with pytest.raises(UserError, match=r"is of another model \(--model=cnn there, mlp here"):
+        fit(Config(epochs=1, **{**TINY, "model": "mlp"}), data=tiny_dataset(),
+            workdir=str(tmp_path))
+    with pytest.raises(UserError, match=r"other settings \(--learning_rate=0.003 there, 0.1"):
+        fit(Config(epochs=1, learning_rate=0.1, **TINY), data=tiny_dataset(),
+            workdir=str(tmp_path))
+
+
+def test_fresh_moves_the_old_run_aside(tmp_path):
+    fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    fit(Config(epochs=1, fresh=True, **{**TINY, "model": "mlp"}), data=tiny_dataset(),
+        workdir=str(tmp_path))
+    previous = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1
+    assert (previous[0] / "checkpoints" / "16").is_dir()
+    assert json.loads((previous[0] / "config.json").read_text())["model"] == "cnn"
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "mlp"
+
+
+def test_corrupt_latest_falls_back(tmp_path, capfd):
+    config = Config(epochs=3, **TINY)
+    whole = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "whole"))
+    fit(config.replace(epochs=3), data=tiny_dataset(), workdir=str(tmp_path / "bad"))
+    latest = tmp_path / "bad" / "checkpoints" / "48"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.parent.name in ("d", "ocdbt.process_0") or f.name == "metadata":
+            f.write_bytes(b"\0garbage")
+    capfd.readouterr()
+    resumed = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "bad"))
+    err = capfd.readouterr().err
+    assert "checkpoint" in err and "is unreadable" in err and "trying the previous one" in err
+    assert any((tmp_path / "bad" / "checkpoints.corrupt").iterdir())
+    _assert_states_equal(resumed.state, whole.state)  # redid epoch 3 from step 32
+    _same_numbers(resumed.history, whole.history)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way (say, disk full) leaves the last good checkpoint."""
+    config = Config(epochs=2, **TINY)
+    fit(config.replace(epochs=1), data=tiny_dataset(), workdir=str(tmp_path / "a"))
+
+    async def disk_full(self, x, directory):  # the JSON writer of the ``meta`` item
+        (Path(directory) / "metadata").write_text('{"trunc')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
+    ckpt = Checkpoints(tmp_path / "a")
+    template = load_state(tmp_path / "a", "latest")
+    with pytest.raises(UserError, match=r"could not write a checkpoint .*No space left on "
+                                        r"device.*previous checkpoints are intact \(steps 16\)"):
+        ckpt.save(template.state.replace(step=template.state.step + 1), {"x": 1})
+        ckpt.wait()
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path / "a").steps() == [16]
+    assert load_state(tmp_path / "a", "latest").step == 16
+
+
+def test_second_run_on_the_same_workdir_is_refused(tmp_path):
+    lock = WorkdirLock(tmp_path)
+    try:
+        with pytest.raises(UserError, match=r"is in use by another run \(pid \d+\)"):
+            fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    finally:
+        lock.release()
+    fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))  # free again
+
+
+# ------------------------------------------------------------------ real processes
+
+def _cli(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "fmnist_jax.train", "--model=mlp", "--hidden=64",
+            "--epochs=2", "--batch_size=32", "--steps_per_dispatch=20",
+            "--checkpoint_every_steps=100", "--noprogress", f"--data_dir={data_dir}",
+            f"--workdir={workdir}", *extra]
+
+
+def _steps_saved(workdir: Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _run_until(cmd, workdir: Path, min_step: int, sig: int, timeout=120):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= min_step for s in _steps_saved(workdir)):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(real_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    done = subprocess.run(_cli(workdir, real_data_dir), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return workdir
+
+
+def _assert_same_run(a: Path, b: Path):
+    _same_numbers(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl"))
+    sa, sb = (json.loads((w / "summary.json").read_text()) for w in (a, b))
+    assert (sa["test_loss"], sa["test_accuracy"]) == (sb["test_loss"], sb["test_accuracy"])
+    _assert_states_equal(load_state(a, "latest").state, load_state(b, "latest").state)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise(real_data_dir, tmp_path, uninterrupted):
+    steps_per_epoch = 55_000 // 32
+    code, _, _ = _run_until(_cli(tmp_path, real_data_dir), tmp_path,
+                            steps_per_epoch + 200, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    saved = _steps_saved(tmp_path)
+    assert saved and steps_per_epoch < saved[-1] < 2 * steps_per_epoch  # mid-epoch 2
+    resumed = subprocess.run(_cli(tmp_path, real_data_dir), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from checkpoint {tmp_path}/checkpoints/" in resumed.stdout
+    _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(real_data_dir, tmp_path, uninterrupted):
+    code, out, err = _run_until(_cli(tmp_path, real_data_dir), tmp_path, 300,
+                                signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    assert "SIGTERM: saving a checkpoint after the current step" in err
+    assert f"Run the same command with --workdir={tmp_path} to resume" in err
+    assert "Traceback" not in err
+    meta = Checkpoints(tmp_path).read_meta(_steps_saved(tmp_path)[-1])
+    assert meta["step_in_epoch"] % 20 == 0  # at a dispatch boundary, mid-run
+    resumed = subprocess.run(_cli(tmp_path, real_data_dir), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(tmp_path, uninterrupted)
