@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ from fmnist_jax.steps import TrainState
 
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
-RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "fresh",
+RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "fresh", "debug_nans",
                                "checkpoint_every_steps", "keep_checkpoints"})
 # Config fields that decide the shapes of the parameters.
 ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm")
@@ -45,6 +46,19 @@ def to_saveable(state: TrainState) -> TrainState:
 
 def from_saveable(state: TrainState) -> TrainState:
     return state.replace(rng=jax.random.wrap_key_data(state.rng))
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops Orbax's notices about choices made here on purpose: mid-epoch checkpoints have
+    no validation metrics, and evaluation opens the checkpoints read-only."""
+
+    NOTICES = ("did not provide metrics", "read_only=True", "directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 def _warn(message: str) -> None:
@@ -177,18 +191,22 @@ class Checkpoints:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable file means corrupt
-                self._set_aside(step, e)
+                first_line = (str(e).splitlines() or [""])[0][:200]
+                target = self.set_aside(step, "corrupt")
+                _warn(f"checkpoint {self.directory / str(step)} is unreadable "
+                      f"({type(e).__name__}: {first_line}); moved it to {target} and trying "
+                      "the previous one")
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def set_aside(self, step: int, why: str) -> Path:
+        """Moves checkpoint ``step`` to ``checkpoints.<why>/`` (nothing is deleted)."""
+        self.wait()
         source = self.directory / str(step)
-        target = self.directory.parent / "checkpoints.corrupt" / f"{step}-{int(time.time())}"
+        target = self.directory.parent / f"checkpoints.{why}" / f"{step}-{int(time.time())}"
         target.parent.mkdir(exist_ok=True)
         shutil.move(str(source), str(target))
-        first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        _warn(f"checkpoint {source} is unreadable ({type(error).__name__}: {first_line}); "
-              f"moved it to {target} and trying the previous one")
         self.manager.reload()
+        return target
 
 
 def check_compatible(saved: dict, current: dict, where: Path) -> None:

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 
 from fmnist_jax.config import PRESETS, Config, preset
+
+
+def quiet_library_logs() -> None:
+    """Command-line tools report failures themselves, in one line: the libraries' own log
+    records (Orbax's, through absl) would only repeat them with tracebacks."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 class _Parser(argparse.ArgumentParser):

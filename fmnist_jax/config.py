@@ -74,6 +74,8 @@ class Config:
     keep_checkpoints: int = _f(3, "checkpoints kept: the newest N, plus the best by "
                                   "--monitor")
     progress: bool = _f(True, "show a progress bar")
+    debug_nans: bool = _f(False, "JAX's NaN checking: stop at the first operation that "
+                                 "makes a NaN, with its traceback (slow)")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

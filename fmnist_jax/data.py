@@ -151,17 +151,17 @@ def read_idx(path: str | os.PathLike, spec: IdxFile) -> np.ndarray:
     if len(data) != header + size:
         raise UserError(f"{path} holds {len(data) - header} bytes of data, expected {size} "
                         f"(truncated or padded); {_fix_hint(path)}")
+    array = np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    if spec.kind == "labels" and array.max(initial=0) >= NUM_CLASSES:
+        raise UserError(f"{path} has label {int(array.max())}, outside 0-{NUM_CLASSES - 1}; "
+                        f"{_fix_hint(path)}")
     if spec.sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != spec.sha256:
             raise UserError(f"{path} fails its checksum (SHA-256 of the payload is "
                             f"{digest[:16]}..., expected {spec.sha256[:16]}...): the file is "
                             f"corrupt or not the official release; {_fix_hint(path)}")
-    array = np.frombuffer(data, np.uint8, offset=header).reshape(dims)
     if spec.kind == "labels":
-        if array.max(initial=0) >= NUM_CLASSES:
-            raise UserError(f"{path} has label {int(array.max())}, outside 0-{NUM_CLASSES - 1}; "
-                            f"{_fix_hint(path)}")
         return array.astype(np.int32)
     return array.reshape(*dims, 1).copy()
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax.checkpoints import load_state
-from fmnist_jax.cli import build_parser
+from fmnist_jax.cli import build_parser, quiet_library_logs
 from fmnist_jax.data import CLASS_NAMES, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.plots import confusion_matrix, plot_confusion_matrix
@@ -75,6 +75,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = build_parser(EvalConfig, prog="fmnist-evaluate", presets=False)
     try:
         args = EvalConfig(**vars(parser.parse_args(argv)))

@@ -2,7 +2,8 @@
 
 Both pipelines feed the same jitted steps of :mod:`fmnist_jax.steps` and share one
 interface: ``train_epoch(state, epoch, steps)`` yields ``(state, metric_sums, num_steps)`` as
-it goes, and ``evaluate(state, split, steps)`` returns ``{"loss", "accuracy", "count"}``.
+it goes (the sums carry ``first_nonfinite``, the first step with a NaN or infinite loss or
+-1), and ``evaluate(state, split, steps)`` returns ``{"loss", "accuracy", "count"}``.
 
 - :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
   are 43 MB). Every epoch draws a fresh permutation with ``jax.random`` and runs
@@ -158,8 +159,9 @@ class TfdsStream:
                 yield {"image": images, "label": labels}
 
         for batch in self._stream(batches()):
-            state, metrics = steps.train_step(state, batch)
-            yield state, metrics, 1
+            state, metrics = steps.train_step(state, batch)  # donates the old state
+            bad = jnp.where(jnp.isfinite(metrics["loss"]), -1, state.step - 1)
+            yield state, {**metrics, "first_nonfinite": bad}, 1
 
     def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
         source = self.sources["train" if split == "validation" else "test"]

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from fmnist_jax.checkpoints import Loaded, load_state
-from fmnist_jax.cli import _Parser
+from fmnist_jax.cli import _Parser, quiet_library_logs
 from fmnist_jax.data import CLASS_NAMES, load_dataset
 from fmnist_jax.errors import UserError
 
@@ -102,6 +102,7 @@ def _parser() -> _Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     args = _parser().parse_args(argv)
     try:
         if not args.images and not args.test_index:

@@ -126,17 +126,22 @@ def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     """Runs ``step_fn`` over ``indices`` (steps, batch) of device-resident data in one scan.
 
     Batches are gathered on the device. Returns the state and the *sums* over the steps of
-    each metric that ``step_fn`` reports.
+    each metric that ``step_fn`` reports, plus ``first_nonfinite``: the first step whose
+    loss was NaN or infinite, or -1.
     """
 
     def body(carry, idx):
-        state, sums = carry
+        state, sums, first_bad = carry
+        step = state.step
         state, metrics = step_fn(state, {"image": images[idx], "label": labels[idx]})
-        return (state, jax.tree.map(jnp.add, sums, metrics)), None
+        bad = ~jnp.isfinite(metrics["loss"]) & (first_bad < 0)
+        return (state, jax.tree.map(jnp.add, sums, metrics),
+                jnp.where(bad, step, first_bad)), None
 
     zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
-    (state, sums), _ = jax.lax.scan(body, (state, zeros), indices)
-    return state, sums
+    (state, sums, first_bad), _ = jax.lax.scan(
+        body, (state, zeros, jnp.full((), -1, jnp.int32)), indices)
+    return state, {**sums, "first_nonfinite": first_bad}
 
 
 def scan_eval_steps(state: TrainState, images: jax.Array, labels: jax.Array,

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from flax import nnx
 
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, config_dict, move_aside
-from fmnist_jax.cli import parse_config
+from fmnist_jax.cli import parse_config, quiet_library_logs
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, find_files, load_dataset
 from fmnist_jax.errors import UserError
@@ -102,11 +103,22 @@ class _Monitor:
                 "best_step": self.best_step}
 
 
-class _StopOnSignal:
-    """First SIGINT/SIGTERM: ask the loop to checkpoint and stop. Second: exit at once."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop (set-up, data loading, final test)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM handling. While ``armed`` (in the training loop) the first signal asks
+    the loop to checkpoint and stop, and a second one exits at once; outside the loop there
+    is nothing to save, and a signal raises :class:`Interrupted` right away."""
+
+    def __init__(self):
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self.armed = False
         self.signum: int | None = None
         self._previous: dict = {}
 
@@ -117,6 +129,8 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame):
+        if not self.armed:
+            raise Interrupted(signum)
         if self.signum is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
                   flush=True)
@@ -182,7 +196,9 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
 def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
     started = time.perf_counter()
     init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
-    with _StopOnSignal(enabled=out is not None) as stop:
+    if config.debug_nans:
+        jax.config.update("jax_debug_nans", True)
+    with _StopOnSignal() as stop:
         pipeline = _make_pipeline(config, data, data_key)
         steps_per_epoch = pipeline.steps_per_epoch
         model_name = config.model if model is None else type(model).__name__
@@ -218,9 +234,6 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
             metrics_lib.write_json(out / "config.json", config_dict(config))
             metrics_lib.write_jsonl(out / "metrics.jsonl", history)
             writer = metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True)
-        if stop.signum is not None:
-            raise Preempted("interrupted before training started; nothing to save",
-                            stop.signum)
 
         def meta() -> dict:
             return {"config": config_dict(config), "epoch": position.epoch,
@@ -229,20 +242,24 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
                     "monitor": monitor.to_dict(), "stopped_early": position.stopped_early,
                     "wall_time_s": position.wall_time_s + time.perf_counter() - started}
 
-        def after_dispatch(state: TrainState, last_saved: list[int]) -> None:
+        def after_dispatch(state: TrainState, sums: dict, last_saved: list[int]) -> None:
+            if (bad := int(sums["first_nonfinite"])) >= 0:
+                raise UserError(_nonfinite_message(bad, position.epoch, config, ckpt))
             step = int(state.step)
             every = config.checkpoint_every_steps
             at_epoch_end = position.step_in_epoch == steps_per_epoch  # saved there anyway
             if ckpt and every and not at_epoch_end and step // every > last_saved[0] // every:
                 ckpt.save(state, meta())
                 last_saved[0] = step
-            if ckpt and stop.signum is not None and not at_epoch_end:
-                ckpt.save(state, meta())
-                ckpt.wait()
+            if stop.signum is not None and not at_epoch_end:
+                if ckpt:
+                    ckpt.save(state, meta())
+                    ckpt.wait()
                 raise Preempted(_stopped_message(out, position, steps_per_epoch, step),
                                 stop.signum, out)
 
         throughput: list[float] = []
+        stop.armed = True
         try:
             while position.epoch <= config.epochs and not position.stopped_early:
                 epoch = position.epoch
@@ -273,11 +290,15 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
                 if position.stopped_early:
                     print(f"early stopping: no {config.monitor} improvement for "
                           f"{config.patience} epochs; restoring epoch {monitor.best_epoch}")
-                if ckpt and stop.signum is not None and position.epoch <= config.epochs:
-                    ckpt.wait()
+                if stop.signum is not None and position.epoch <= config.epochs:
+                    if ckpt:
+                        ckpt.wait()
                     raise Preempted(_stopped_message(out, position, steps_per_epoch,
                                                      int(state.step)), stop.signum, out)
         finally:
+            stop.armed = False
+            if config.debug_nans:
+                jax.config.update("jax_debug_nans", False)
             if writer:
                 writer.close()
             if ckpt:
@@ -348,9 +369,30 @@ def _resume(ckpt: Checkpoints, state: TrainState, config: Config, monitor: _Moni
 
 
 def _stopped_message(out, position: _Position, steps_per_epoch: int, step: int) -> str:
-    return (f"stopped at step {step} (epoch {position.epoch}, step {position.step_in_epoch} "
-            f"of {steps_per_epoch}); checkpoint saved in {out / 'checkpoints'}. Run the same "
-            f"command with --workdir={out} to resume")
+    where = (f"stopped at step {step} (epoch {position.epoch}, step {position.step_in_epoch} "
+             f"of {steps_per_epoch})")
+    if out is None:
+        return f"{where}; nothing was saved (no workdir)"
+    return (f"{where}; checkpoint saved in {out / 'checkpoints'}. Run the same command "
+            f"with --workdir={out} to resume")
+
+
+def _nonfinite_message(step: int, epoch: int, config: Config, ckpt) -> str:
+    """Says where the loss stopped being finite; sets aside a checkpoint whose parameters
+    gave that loss (the one saved at ``step``, if any), so the latest one left is good."""
+    kept = ""
+    if ckpt:
+        ckpt.wait()
+        for bad in [s for s in ckpt.steps() if s >= step]:
+            ckpt.set_aside(bad, "nonfinite")
+        saved = ckpt.steps()
+        kept = (f"; the last good checkpoint (step {saved[-1]}) is kept in {ckpt.directory}"
+                if saved else "; no checkpoint had been saved yet")
+    return (f"the training loss became NaN or infinite at step {step} (epoch {epoch}), so "
+            f"training stopped there{kept}. Likely cause: a learning rate too high for this "
+            f"model and optimizer (--learning_rate={config.learning_rate:g}); lower it, add "
+            "--clip_grad_norm=1, or run with --debug_nans to find the first operation that "
+            "makes a NaN")
 
 
 def _train_one_epoch(pipeline, steps: Steps, state: TrainState, config: Config,
@@ -379,7 +421,7 @@ def _train_one_epoch(pipeline, steps: Steps, state: TrainState, config: Config,
             bar.set_postfix(loss=f"{position.loss_sum / position.step_in_epoch:.4f}",
                             acc=f"{position.accuracy_sum / position.step_in_epoch:.4f}",
                             img_s=f"{rate:,.0f}")
-            after_dispatch(state, last_saved)
+            after_dispatch(state, sums, last_saved)
     return state, time.perf_counter() - start, done
 
 
@@ -402,10 +444,13 @@ def default_workdir(config: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     argv = sys.argv[1:] if argv is None else argv
+    workdir = None
     try:
         config = parse_config(argv)
-        train_and_evaluate(config, config.workdir or default_workdir(config))
+        workdir = config.workdir or default_workdir(config)
+        train_and_evaluate(config, workdir)
     except Preempted as e:
         print(f"fmnist-train: {e}:\n  python -m fmnist_jax.train "
               f"{shlex.join(_with_workdir(argv, e))}", file=sys.stderr)
@@ -413,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fmnist-train: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("fmnist-train: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        saved = workdir is not None and (Path(workdir) / "checkpoints").is_dir() and any(
+            p.name.isdigit() for p in (Path(workdir) / "checkpoints").iterdir())
+        hint = (f"; the checkpoints in {workdir} are complete: run the same command with "
+                f"--workdir={workdir} to go on" if saved else "; no training had been saved")
+        print(f"fmnist-train: interrupted by {signal.Signals(signum).name} outside the "
+              f"training loop{hint}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from fmnist_jax.cli import build_parser, parse_config
 from fmnist_jax.config import PRESETS, Config, preset
@@ -48,38 +47,9 @@ def test_cli_trains_and_writes_its_files(real_data_dir, tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model=resnet"], "argument --model: invalid choice: 'resnet'"),
-    (["--learning_rate=-1"], "--learning_rate must be positive (got learning_rate=-1.0)"),
-    (["--batch_size=0"], "--batch_size must be positive (got batch_size=0)"),
-    (["--epochs=-2"], "--epochs must be 0 or more"),
-    (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
-    (["--optimizer=lbfgs"], "invalid choice: 'lbfgs'"),
-    (["--bogus=1"], "unrecognized arguments: --bogus=1"),
-])
-def test_bad_flags_give_one_line(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_errors_that_need_the_data(real_data_dir, tmp_path):
-    common = [f"--data_dir={real_data_dir}", f"--workdir={tmp_path}/w", "--noprogress"]
-    for args, message in [
-        (["--batch_size=60000"], "--batch_size=60000 must be between 1 and the 55000"),
-        (["--validation_size=60000"], "--validation_size=60000 must be in [0, 60000)"),
-    ]:
-        result = run_cli(*common, *args)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
-
-
-def test_missing_data_and_bad_workdir(tmp_path):
-    result = run_cli(f"--data_dir={tmp_path}", f"--workdir={tmp_path}/w")
+def test_bad_value_in_a_subprocess():
+    """The one-line error, end to end (every other bad flag: tests/test_faults.py)."""
+    result = run_cli("--learning_rate=-1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"--data_dir={tmp_path} lacks train-images-idx3-ubyte.gz" in result.stderr
-    (tmp_path / "file").write_text("x")
-    result = run_cli(f"--workdir={tmp_path}/file")
-    assert result.returncode == 2 and "is a file; give a directory" in result.stderr
+    assert result.stderr.strip() == ("fmnist-train: error: --learning_rate must be positive "
+                                     "(got learning_rate=-1.0)")

@@ -1,0 +1,386 @@
+"""Fault injection: every way a user or the machine can break a run, by name.
+
+Each scenario must end with a clear message (one line for flags and data), a non-zero exit
+status, no traceback, and nothing lost: no partial file, the previous checkpoint intact.
+Scenarios tested elsewhere are listed at the end of this docstring.
+
+Also covered in other files:
+- the IDX reader on each malformed file, generated: tests/test_data.py::test_rejects_bad_files
+- download interrupted half-way or with a wrong checksum, nothing left in the cache:
+  tests/test_data.py::test_interrupted_download_leaves_nothing, ..._wrong_checksum_...
+- SIGKILL mid-epoch and SIGTERM during training, then exact resumption:
+  tests/test_checkpoints.py::test_sigkill_..., test_sigterm_...
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_dataset
+
+from fmnist_jax import Config, fit, train
+from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, load_state
+from fmnist_jax.errors import UserError
+
+TINY = dict(model="cnn", features=(8,), dense=16, batch_size=32, progress=False,
+            steps_per_dispatch=5)
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """Runs the training CLI in this process; returns (exit status, stderr)."""
+    try:
+        code = train.main([*map(str, args)])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ data
+
+@pytest.fixture
+def data_copy(real_data_dir, tmp_path):
+    """A private copy of the four real files, to damage."""
+    target = tmp_path / "data"
+    shutil.copytree(real_data_dir, target, ignore=shutil.ignore_patterns("*.txt"))
+    return target
+
+
+def _rewrite(path: Path, change) -> None:
+    payload = bytearray(gzip.decompress(path.read_bytes()))
+    path.write_bytes(gzip.compress(bytes(change(payload))))
+
+
+def _labels_with_12(p):
+    p[8 + 5] = 12
+    return p
+
+
+def _flip_a_pixel(p):
+    p[16 + 1000] ^= 1
+    return p
+
+
+DATA_FAULTS = {
+    "three of four files": (lambda d: (d / "t10k-labels-idx1-ubyte.gz").unlink(),
+                            "lacks t10k-labels-idx1-ubyte.gz"),
+    "truncated gz": (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(
+        (d / "t10k-images-idx3-ubyte.gz").read_bytes()[:100_000]), "is truncated"),
+    "wrong magic": (lambda d: _rewrite(d / "t10k-labels-idx1-ubyte.gz",
+                                       lambda p: b"\0\0\x08\x03" + p[4:]),
+                    "magic number 0x00000803, expected 0x00000801"),
+    "wrong dimensions": (lambda d: _rewrite(d / "t10k-images-idx3-ubyte.gz",
+                                            lambda p: p[:12] + (27).to_bytes(4, "big")
+                                            + p[16:]),
+                         "dimensions (10000, 28, 27), expected (10000, 28, 28)"),
+    "wrong count": (lambda d: _rewrite(d / "t10k-labels-idx1-ubyte.gz",
+                                       lambda p: p[:4] + (9999).to_bytes(4, "big") + p[8:-1]),
+                    "dimensions (9999,), expected (10000,)"),
+    "labels outside 0-9": (lambda d: _rewrite(d / "train-labels-idx1-ubyte.gz",
+                                              _labels_with_12), "label 12, outside 0-9"),
+    "checksum mismatch": (lambda d: _rewrite(d / "train-images-idx3-ubyte.gz",
+                                             _flip_a_pixel), "fails its checksum"),
+}
+
+
+@pytest.mark.parametrize("scenario", DATA_FAULTS)
+def test_data_fault(scenario, data_copy, tmp_path, capsys):
+    damage, message = DATA_FAULTS[scenario]
+    damage(data_copy)
+    before = sorted((p.name, p.stat().st_size) for p in data_copy.iterdir())
+    code, err = run_main(capsys, f"--data_dir={data_copy}", f"--workdir={tmp_path}/w",
+                         "--noprogress")
+    assert code == 2
+    line = one_line(err)
+    assert message in line and str(data_copy) in line
+    assert sorted((p.name, p.stat().st_size) for p in data_copy.iterdir()) == before
+
+
+def test_unreadable_data_directory(data_copy, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == data_copy
+                        else real_access(p, mode))
+    code, err = run_main(capsys, f"--data_dir={data_copy}", f"--workdir={tmp_path}/w")
+    assert code == 2 and "cannot be read (permission denied)" in one_line(err)
+
+
+class _SlowServer:
+    """Serves the first 64 KiB of each file, then waits until told to go on."""
+
+    def __init__(self, directory: Path):
+        self.release = threading.Event()
+        self.sent = threading.Event()
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=str(directory), **k)
+
+            def log_message(self, *args):
+                pass
+
+            def copyfile(self, source, outputfile):
+                outputfile.write(source.read(65536))
+                outputfile.flush()
+                server.sent.set()
+                server.release.wait(30)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_sigint_while_downloading_leaves_no_partial_file(real_data_dir, tmp_path):
+    """Interrupt during data loading: a download in progress."""
+    server = _SlowServer(real_data_dir)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path),
+           "FMNIST_MIRRORS": server.url}
+    env.pop("FMNIST_DATA_DIR", None)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fmnist_jax.train", "--noprogress",
+                                 f"--workdir={tmp_path}/w"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert server.sent.wait(120)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        server.close()
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT outside the training loop" in err
+    assert "no training had been saved" in err and "Traceback" not in err
+    assert list((tmp_path / "cache" / "fmnist_jax").iterdir()) == []  # no *.part left
+
+
+# ------------------------------------------------------------------ flags
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=resnet"], "argument --model: invalid choice: 'resnet'"),
+    (["--optimizer=lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+    (["--schedule=linear"], "argument --schedule: invalid choice: 'linear'"),
+    (["--loss=hinge"], "argument --loss: invalid choice: 'hinge'"),
+    (["--learning_rate=-1"], "--learning_rate must be positive (got learning_rate=-1.0)"),
+    (["--learning_rate=0"], "--learning_rate must be positive (got learning_rate=0.0)"),
+    (["--batch_size=0"], "--batch_size must be positive (got batch_size=0)"),
+    (["--epochs=-2"], "--epochs must be 0 or more (got epochs=-2)"),
+    (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
+    (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+])
+def test_bad_flag(args, message, capsys):
+    code, err = run_main(capsys, *args)
+    assert code == 2 and message in one_line(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=60000"], "--batch_size=60000 must be between 1 and the 55000 training"),
+    (["--validation_size=60000"], "--validation_size=60000 must be in [0, 60000)"),
+])
+def test_bad_flag_that_needs_the_data(args, message, real_data_dir, tmp_path, capsys):
+    code, err = run_main(capsys, f"--data_dir={real_data_dir}", f"--workdir={tmp_path}/w",
+                         *args)
+    assert code == 2 and message in one_line(err)
+
+
+def test_workdir_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("precious")
+    code, err = run_main(capsys, f"--workdir={tmp_path}/file")
+    assert code == 2 and "is a file; give a directory" in one_line(err)
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_workdir_not_writable(tmp_path, capsys, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro"
+                        else real_access(p, mode))
+    code, err = run_main(capsys, f"--workdir={tmp_path}/ro")
+    assert code == 2 and "is not writable" in one_line(err)
+
+
+# ------------------------------------------------------------------ numerics
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
+        real_data_dir, tmp_path, capsys):
+    # SGD with a warm-up from 0: the first step is harmless, then a learning rate of 1e6
+    # explodes. (Adam's steps are bounded by the learning rate: it only diverges.)
+    code, err = run_main(capsys, "--model=mlp", "--optimizer=sgd", "--learning_rate=1e6",
+                         "--epochs=1", "--steps_per_dispatch=1", "--checkpoint_every_steps=1",
+                         f"--data_dir={real_data_dir}", f"--workdir={tmp_path}", "--noprogress")
+    assert code == 2
+    line = one_line(err)
+    assert "the training loss became NaN or infinite at step" in line
+    assert "Likely cause: a learning rate too high" in line and "--learning_rate=1e+06" in line
+    bad = int(line.split("at step ")[1].split()[0])
+    good = int(line.split("last good checkpoint (step ")[1].split(")")[0])
+    assert 0 < good < bad
+    state = load_state(tmp_path, "latest").state
+    assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(
+        state.params))
+
+
+def test_debug_nans_flag_turns_on_jax_checking(tmp_path):
+    import jax
+
+    with pytest.raises(FloatingPointError):
+        fit(Config(epochs=1, optimizer="sgd", learning_rate=1e6, debug_nans=True, **TINY),
+            data=tiny_dataset())
+    assert not jax.config.jax_debug_nans  # turned off again
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def test_checkpoint_of_another_model(tmp_path, capsys, real_data_dir):
+    fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    code, err = run_main(capsys, "--model=mlp", f"--workdir={tmp_path}",
+                         f"--data_dir={real_data_dir}")
+    assert code == 2
+    assert "is of another model (--model=cnn there, mlp here" in one_line(err)
+    assert Checkpoints(tmp_path).steps() == [16]
+
+
+def test_workdir_in_use(tmp_path, capsys):
+    lock = WorkdirLock(tmp_path)
+    try:
+        code, err = run_main(capsys, f"--workdir={tmp_path}")
+    finally:
+        lock.release()
+    assert code == 2 and f"--workdir={tmp_path} is in use by another run (pid" in one_line(err)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
+    config = Config(epochs=3, **TINY)
+    whole = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "whole"))
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path / "bad"))
+    for f in (tmp_path / "bad" / "checkpoints" / "48").rglob("*"):
+        if f.is_file() and (f.parent.name in ("d", "ocdbt.process_0") or f.name == "metadata"):
+            f.write_bytes(b"\0garbage")
+    capfd.readouterr()
+    resumed = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "bad"))
+    err = capfd.readouterr().err
+    assert "is unreadable" in err and "trying the previous one" in err
+    assert any((tmp_path / "bad" / "checkpoints.corrupt").iterdir())  # kept, not deleted
+    assert resumed.summary["test_loss"] == whole.summary["test_loss"]  # redid epoch 3
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    original = ocp.handlers.JsonCheckpointHandler._save_fn
+    saves = []
+
+    async def disk_full_after_the_first(self, x, directory):  # writes ``meta``, ``metrics``
+        step = int(Path(directory).parent.name.split(".")[0])  # <step>.orbax-checkpoint-tmp-*
+        saves.append(step)
+        if step == 16:
+            return await original(self, x, directory)
+        (Path(directory) / "metadata").write_text('{"trunc')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn",
+                        disk_full_after_the_first)
+    with pytest.raises(UserError, match=r"could not write a checkpoint .*No space left on "
+                                        r"device.*previous checkpoints are intact \(steps 16\)"):
+        fit(Config(epochs=2, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    monkeypatch.undo()
+    assert 32 in saves
+    assert Checkpoints(tmp_path).steps() == [16]
+    assert load_state(tmp_path, "latest").step == 16
+
+
+# ------------------------------------------------------------------ predict
+
+@pytest.mark.parametrize("scenario, make, message", [
+    ("not an image", lambda p: p.write_text("hello"), "is not an image Pillow can read"),
+    ("empty file", lambda p: p.write_bytes(b""), "is empty"),
+    ("huge image", lambda p: __import__("PIL.Image").Image.new("L", (5000, 10)).save(
+        p, format="PNG"), "larger than 4096 px"),
+    ("missing path", lambda p: None, "does not exist"),
+])
+def test_predict_bad_input(scenario, make, message, tmp_path, capsys):
+    from fmnist_jax import predict
+
+    fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path / "w"))
+    path = tmp_path / "input.png"
+    make(path)
+    code = predict.main([f"--workdir={tmp_path / 'w'}", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in one_line(err) and str(path) in err
+
+
+# ------------------------------------------------------------------ interrupts
+
+def _signal_self_during(monkeypatch, target, name, signum=signal.SIGINT):
+    original = getattr(target, name)
+
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, real_data_dir):
+    _signal_self_during(monkeypatch, train, "load_dataset")
+    code, err = run_main(capsys, f"--workdir={tmp_path}", f"--data_dir={real_data_dir}")
+    assert code == 130 and "interrupted by SIGINT outside the training loop" in err
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        (tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("where", ["evaluation", "saving"])
+def test_sigterm_during_evaluation_or_saving(where, monkeypatch, tmp_path):
+    from fmnist_jax import checkpoints, input_pipeline
+
+    if where == "evaluation":
+        _signal_self_during(monkeypatch, input_pipeline.DeviceResident, "evaluate",
+                            signal.SIGTERM)
+    else:
+        _signal_self_during(monkeypatch, checkpoints.Checkpoints, "save", signal.SIGTERM)
+    with pytest.raises(train.Preempted, match="checkpoint saved in") as e:
+        fit(Config(epochs=3, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    # The save that was in progress completed: epoch 1's checkpoint restores, and the run
+    # resumes to the same end as one never interrupted.
+    assert Checkpoints(tmp_path).steps() == [16]
+    resumed = fit(Config(epochs=3, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    whole = fit(Config(epochs=3, **TINY), data=tiny_dataset())
+    assert resumed.summary["test_loss"] == whole.summary["test_loss"]
+
+
+def test_sigint_during_final_test_evaluation(monkeypatch, tmp_path, capsys, real_data_dir):
+    from fmnist_jax import input_pipeline
+
+    original = input_pipeline.DeviceResident.evaluate
+
+    def evaluate(self, state, split, steps):
+        if split == "test":
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, state, split, steps)
+
+    monkeypatch.setattr(input_pipeline.DeviceResident, "evaluate", evaluate)
+    code, err = run_main(capsys, "--model=mlp", "--epochs=1", f"--workdir={tmp_path}",
+                         f"--data_dir={real_data_dir}", "--noprogress")
+    assert code == 130
+    assert f"the checkpoints in {tmp_path} are complete" in err
+    assert Checkpoints(tmp_path).steps() == [429]
