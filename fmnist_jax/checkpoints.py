@@ -35,7 +35,7 @@ from fmnist_jax.steps import TrainState
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
 RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "fresh", "debug_nans",
-                               "checkpoint_every_steps", "keep_checkpoints"})
+                               "checkpoint_every_steps", "keep_checkpoints", "distributed"})
 # Config fields that decide the shapes of the parameters.
 ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm")
 

@@ -17,6 +17,7 @@ from fmnist_jax.steps import LOSSES
 
 DATA_SOURCES = ("idx", "tfds")
 MONITORS = ("val_accuracy", "val_loss")
+DTYPES = ("float32", "bfloat16")
 
 
 def _f(default, help: str, choices=None):
@@ -63,6 +64,11 @@ class Config:
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
     eval_batch_size: int = _f(1000, "images per evaluation step")
     steps_per_dispatch: int = _f(100, "training steps run on the device per host call")
+    # Devices.
+    dtype: str = _f("float32", "compute dtype; bfloat16 for TPU/GPU (parameters and "
+                               "optimizer state stay float32)", DTYPES)
+    distributed: bool = _f(False, "call jax.distributed.initialize() to train on several "
+                                  "hosts (automatic when JAX_COORDINATOR_ADDRESS is set)")
     # Output and checkpoints.
     workdir: str = _f("", "directory for checkpoints, config.json, metrics.jsonl and "
                           "summary.json; a workdir with checkpoints is resumed; empty: "

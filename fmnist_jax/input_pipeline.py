@@ -26,6 +26,7 @@ import numpy as np
 
 from fmnist_jax.data import CLASS_NAMES, Split
 from fmnist_jax.errors import UserError
+from fmnist_jax.parallel import Devices
 from fmnist_jax.steps import Steps, TrainState
 
 
@@ -49,29 +50,42 @@ def pad_to_batches(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 class DeviceResident:
-    """Whole splits on the device; batches gathered inside a jitted scan."""
+    """Whole splits on every device; batches gathered inside a jitted scan.
 
-    def __init__(self, train: Split, evals: dict[str, Split | None], *, batch_size: int, eval_batch_size: int, steps_per_dispatch: int,
+    The data (43 MB for the training split) is replicated; the (steps, batch) index arrays
+    are split along the batch over the devices, so each device gathers and trains on its
+    part of every batch.
+    """
+
+    def __init__(self, train: Split, evals: dict[str, Split | None], *, devices: Devices,
+                 batch_size: int, eval_batch_size: int, steps_per_dispatch: int,
                  rng: jax.Array):
         self.num_train = len(train.labels)
         if not 0 < batch_size <= self.num_train:
             raise UserError(f"--batch_size={batch_size} must be between 1 and the "
                             f"{self.num_train} training images")
+        devices.check_batch_size(batch_size)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
         self.steps_per_dispatch = steps_per_dispatch
         self.rng = rng
-        self.train = (jnp.asarray(train.images), jnp.asarray(train.labels))
-        self.evals = {name: tuple(map(jnp.asarray, pad_to_batches(split, eval_batch_size)))
+        self.train = devices.replicate((train.images, train.labels))
+        eval_batch_size = -(-eval_batch_size // devices.count) * devices.count
+        self.evals = {name: devices.put(pad_to_batches(split, eval_batch_size),
+                                        devices.sharded(axis=1))
                       for name, split in evals.items() if split is not None}
         self.has_validation = "validation" in self.evals
+        self._order = jax.jit(self._epoch_order, out_shardings=devices.sharded(axis=1))
+
+    def _epoch_order(self, rng: jax.Array, epoch: jax.Array) -> jax.Array:
+        perm = jax.random.permutation(jax.random.fold_in(rng, epoch), self.num_train)
+        used = self.steps_per_epoch * self.batch_size
+        return perm[:used].reshape(self.steps_per_epoch, self.batch_size)
 
     def epoch_order(self, epoch: int) -> jax.Array:
         """The epoch's batches as (steps, batch) indices; the tail that fills no batch is
         left out this epoch (a different tail every epoch)."""
-        perm = jax.random.permutation(jax.random.fold_in(self.rng, epoch), self.num_train)
-        used = self.steps_per_epoch * self.batch_size
-        return perm[:used].reshape(self.steps_per_epoch, self.batch_size)
+        return self._order(self.rng, epoch)
 
     def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
                     ) -> Iterator[tuple[TrainState, dict, int]]:
@@ -94,7 +108,7 @@ class TfdsStream:
     as the IDX pipeline's validation split).
     """
 
-    def __init__(self, *, batch_size: int, eval_batch_size: int,
+    def __init__(self, *, devices: Devices, batch_size: int, eval_batch_size: int,
                  validation_size: int, seed: int, data_dir: str | None = None,
                  manual_dir: str | None = None):
         self.sources = load_tfds_sources(data_dir, manual_dir)
@@ -110,8 +124,10 @@ class TfdsStream:
         if not 0 < batch_size <= self.num_train:
             raise UserError(f"--batch_size={batch_size} must be between 1 and the "
                             f"{self.num_train} training images")
+        devices.check_batch_size(batch_size)
+        self.devices = devices
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = -(-eval_batch_size // devices.count) * devices.count
         self.steps_per_epoch = self.num_train // batch_size
         self.seed = seed
 
@@ -123,7 +139,8 @@ class TfdsStream:
         return images, labels
 
     def _stream(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """Runs ``batches`` in a thread, two batches ahead, already on the device."""
+        """Runs ``batches`` (this process's part of each) in a thread, two batches ahead,
+        already split over the devices."""
         slots: queue.Queue = queue.Queue(maxsize=2)
         done = object()
         stop = threading.Event()
@@ -133,7 +150,7 @@ class TfdsStream:
                 for batch in batches:
                     if stop.is_set():
                         return
-                    slots.put(jax.device_put(batch))
+                    slots.put(self.devices.shard_batch(batch))
                 slots.put(done)
             except BaseException as e:  # re-raised in the consumer
                 slots.put(e)
@@ -152,10 +169,12 @@ class TfdsStream:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.train_index)
         source = self.sources["train"]
 
+        mine = self.devices.local_slice(self.batch_size)
+
         def batches():
             for step in range(start_step, self.steps_per_epoch):
-                images, labels = self._gather(
-                    source, order[step * self.batch_size:(step + 1) * self.batch_size])
+                batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+                images, labels = self._gather(source, batch[mine])
                 yield {"image": images, "label": labels}
 
         for batch in self._stream(batches()):
@@ -167,11 +186,14 @@ class TfdsStream:
         source = self.sources["train" if split == "validation" else "test"]
         index = self.split_index[split]
 
+        mine = self.devices.local_slice(self.eval_batch_size)
+
         def batches():
             for start in range(0, len(index), self.eval_batch_size):
                 images, labels = self._gather(source, index[start:start + self.eval_batch_size])
-                padded = pad_to_batches(Split(images, labels), self.eval_batch_size)
-                yield {"image": padded[0][0], "label": padded[1][0], "mask": padded[2][0]}
+                images, labels, mask = (a[0, mine] for a in pad_to_batches(
+                    Split(images, labels), self.eval_batch_size))
+                yield {"image": images, "label": labels, "mask": mask}
 
         sums = None
         for batch in self._stream(batches()):

@@ -80,17 +80,36 @@ def make_loss(loss: str = "sparse", label_smoothing: float = 0.0) -> LossFn:
     return functools.partial(cross_entropy, loss=loss, label_smoothing=label_smoothing)
 
 
+def _cast(tree, dtype):
+    """Floating-point leaves to ``dtype`` (a no-op for float32)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _merge(graphdef, params, model_state, dtype):
+    """The model with its variables in the compute dtype (master copies stay float32)."""
+    return nnx.merge(graphdef, _cast(params, dtype), _cast(model_state, dtype), copy=True)
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss_fn: LossFn) -> tuple[TrainState, dict]:
-    """One optimizer step. Returns the new state and the batch's mean loss and accuracy."""
-    images = normalize(batch["image"])
+               tx: optax.GradientTransformation, loss_fn: LossFn,
+               dtype=jnp.float32) -> tuple[TrainState, dict]:
+    """One optimizer step. Returns the new state and the batch's mean loss and accuracy.
+
+    ``dtype`` is the compute dtype (``jnp.bfloat16`` on TPU/GPU): the forward and backward
+    passes run in it, while parameters, optimizer state and the loss stay float32.
+    """
+    images = normalize(batch["image"]).astype(dtype)
     dropout_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, model_state):
-        model = nnx.merge(graphdef, params, model_state, copy=True)
+        model = _merge(graphdef, params, model_state, dtype)
         logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
-        _, _, model_state = nnx.split(model, nnx.Param, ...)
-        return loss_fn(logits, batch["label"]).mean(), (logits, model_state)
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        new_model_state = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                                       new_model_state, model_state)
+        loss = loss_fn(logits.astype(jnp.float32), batch["label"]).mean()
+        return loss, (logits, new_model_state)
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params, state.model_state)
@@ -103,10 +122,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-              loss_fn: LossFn) -> dict:
+              loss_fn: LossFn, dtype=jnp.float32) -> dict:
     """Sums over a batch: ``loss``, ``correct`` and ``count`` (masked examples excluded)."""
-    model = nnx.merge(graphdef, state.params, state.model_state)
-    logits = model(normalize(batch["image"]), train=False)
+    logits = predict_logits(state, batch["image"], graphdef=graphdef, dtype=dtype)
     mask = batch.get("mask")
     if mask is None:
         mask = jnp.ones(logits.shape[0], jnp.float32)
@@ -115,10 +133,11 @@ def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
             "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
-def predict_logits(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef):
-    """Logits for a batch of uint8 images, in inference mode."""
-    model = nnx.merge(graphdef, state.params, state.model_state)
-    return model(normalize(images), train=False)
+def predict_logits(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
+                   dtype=jnp.float32) -> jax.Array:
+    """float32 logits for a batch of uint8 images, in inference mode."""
+    model = _merge(graphdef, state.params, state.model_state, dtype)
+    return model(normalize(images).astype(dtype), train=False).astype(jnp.float32)
 
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -168,16 +187,22 @@ class Steps(NamedTuple):
     predict: Callable
 
 
-def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               loss_fn: LossFn) -> Steps:
-    """Binds the static pieces and jits; training functions donate the state."""
-    train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn)
-    evaluate = functools.partial(eval_step, graphdef=graphdef, loss_fn=loss_fn)
+def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
+               *, replicated=None, dtype=jnp.float32) -> Steps:
+    """Binds the static pieces and jits; training functions donate the state.
+
+    ``replicated`` (a sharding) pins the state and the metrics to every device of the
+    mesh, so that the outputs of one call fit the inputs of the next without recompiling.
+    """
+    train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
+                              dtype=dtype)
+    evaluate = functools.partial(eval_step, graphdef=graphdef, loss_fn=loss_fn, dtype=dtype)
+    pinned = {} if replicated is None else {"out_shardings": replicated}
     return Steps(
-        train_step=jax.jit(train, donate_argnums=0),
-        eval_step=jax.jit(evaluate),
+        train_step=jax.jit(train, donate_argnums=0, **pinned),
+        eval_step=jax.jit(evaluate, **pinned),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train),
-                           donate_argnums=0),
-        eval_scan=jax.jit(functools.partial(scan_eval_steps, step_fn=evaluate)),
-        predict=jax.jit(functools.partial(predict_logits, graphdef=graphdef)),
+                           donate_argnums=0, **pinned),
+        eval_scan=jax.jit(functools.partial(scan_eval_steps, step_fn=evaluate), **pinned),
+        predict=jax.jit(functools.partial(predict_logits, graphdef=graphdef, dtype=dtype)),
     )

@@ -29,12 +29,14 @@ import optax
 from flax import nnx
 
 from fmnist_jax import metrics as metrics_lib
+from fmnist_jax import parallel
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, config_dict, move_aside
 from fmnist_jax.cli import parse_config, quiet_library_logs
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, find_files, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
+from fmnist_jax.parallel import Devices
 from fmnist_jax.models import count_params, create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.steps import LossFn, Steps, TrainState, create_train_state, make_loss, make_steps
@@ -144,15 +146,17 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array):
+def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array,
+                   devices: Devices):
     if config.data_source == "tfds" and data is None:
-        return TfdsStream(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+        return TfdsStream(devices=devices, batch_size=config.batch_size,
+                          eval_batch_size=config.eval_batch_size,
                           validation_size=config.validation_size, seed=config.seed,
                           data_dir=config.data_dir or None, manual_dir=_local_idx_dir())
     if data is None:
         data = load_dataset(config.data_dir or None, config.validation_size)
     return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
-                          batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                          devices=devices, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                           steps_per_dispatch=config.steps_per_dispatch, rng=data_key)
 
 
@@ -183,23 +187,31 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     and checkpoints; if it holds checkpoints of the same run, training resumes from them.
     """
     config.validate()
+    devices = parallel.setup(config.distributed)
     workdir = workdir if workdir is not None else config.workdir
     out = metrics_lib.prepare_workdir(workdir) if workdir else None
-    lock = WorkdirLock(out) if out else None
+    lock = WorkdirLock(out) if out and parallel.is_main_process() else None
     try:
-        return _fit(config, model, optimizer, loss_fn, data, out)
+        return _fit(config, model, optimizer, loss_fn, data, out, devices)
     finally:
         if lock:
             lock.release()
 
 
-def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
+def _log(*args) -> None:
+    """Prints on process 0 only."""
+    if parallel.is_main_process():
+        print(*args, flush=True)
+
+
+def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices) -> Result:
     started = time.perf_counter()
+    writes = out is not None and parallel.is_main_process()  # metrics files, plots
     init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     with _StopOnSignal() as stop:
-        pipeline = _make_pipeline(config, data, data_key)
+        pipeline = _make_pipeline(config, data, data_key, devices)
         steps_per_epoch = pipeline.steps_per_epoch
         model_name = config.model if model is None else type(model).__name__
         if model is None:
@@ -218,19 +230,23 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
         loss_fn = loss_fn or make_loss(config.loss, config.label_smoothing)
         num_params = count_params(model)
         graphdef, state = create_train_state(model, optimizer, dropout_key)
-        steps = make_steps(graphdef, optimizer, loss_fn)
+        state = devices.replicate(state)
+        steps = make_steps(graphdef, optimizer, loss_fn, replicated=devices.replicated,
+                           dtype=jnp.dtype(config.dtype))
 
-        print(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
-              f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
-              f"{steps_per_epoch} steps x {config.batch_size}, on {jax.default_backend()}"
-              + (f"; writing to {out}" if out else ""), flush=True)
+        _log(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
+             f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
+             f"{steps_per_epoch} steps x {config.batch_size}, on {devices.count} "
+             f"{jax.default_backend()} device(s)" + (f"; writing to {out}" if out else ""))
         position, history, monitor = _Position(), [], _Monitor(config)
         ckpt = writer = None
         if out:
-            if config.fresh and (moved := move_aside(out)):
-                print(f"--fresh: moved the previous run's files to {moved}")
+            if config.fresh and writes and (moved := move_aside(out)):
+                _log(f"--fresh: moved the previous run's files to {moved}")
+            parallel.sync("fresh")
             ckpt = Checkpoints(out, keep=config.keep_checkpoints, monitor=config.monitor)
             state, position, history = _resume(ckpt, state, config, monitor, steps_per_epoch)
+        if writes:
             metrics_lib.write_json(out / "config.json", config_dict(config))
             metrics_lib.write_jsonl(out / "metrics.jsonl", history)
             writer = metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True)
@@ -288,8 +304,8 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
                     writer.write(record)
                 _print_epoch(record, config.epochs)
                 if position.stopped_early:
-                    print(f"early stopping: no {config.monitor} improvement for "
-                          f"{config.patience} epochs; restoring epoch {monitor.best_epoch}")
+                    _log(f"early stopping: no {config.monitor} improvement for "
+                         f"{config.patience} epochs; restoring epoch {monitor.best_epoch}")
                 if stop.signum is not None and position.epoch <= config.epochs:
                     if ckpt:
                         ckpt.wait()
@@ -328,13 +344,16 @@ def _fit(config, model, optimizer, loss_fn, data, out) -> Result:
                                if throughput else None),
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "num_devices": devices.count,
+        "num_processes": jax.process_count(),
+        "dtype": config.dtype,
         "jax_version": jax.__version__,
         "data_source": config.data_source,
     }
-    if out:
+    if writes:
         metrics_lib.write_json(out / "summary.json", summary)
-    print(f"test: loss {test['loss']:.4f}, accuracy {100 * test['accuracy']:.2f}% "
-          f"({test['count']} images); {summary['wall_time_s']:.1f} s in all", flush=True)
+    _log(f"test: loss {test['loss']:.4f}, accuracy {100 * test['accuracy']:.2f}% "
+         f"({test['count']} images); {summary['wall_time_s']:.1f} s in all")
     return Result(state, graphdef, history, summary, steps)
 
 
@@ -361,10 +380,9 @@ def _resume(ckpt: Checkpoints, state: TrainState, config: Config, monitor: _Moni
                               if monitor.best_step == int(state.step)
                               else ckpt.restore(monitor.best_step, state)[0])
     done = position.epoch > config.epochs or position.stopped_early
-    print(f"resuming from checkpoint {ckpt.directory / str(int(state.step))}: "
-          + ("training is complete; evaluating" if done else
-             f"epoch {position.epoch}, step {position.step_in_epoch} of {steps_per_epoch}"),
-          flush=True)
+    _log(f"resuming from checkpoint {ckpt.directory / str(int(state.step))}: "
+         + ("training is complete; evaluating" if done else
+            f"epoch {position.epoch}, step {position.step_in_epoch} of {steps_per_epoch}"))
     return state, position, meta["history"]
 
 
@@ -409,7 +427,8 @@ def _train_one_epoch(pipeline, steps: Steps, state: TrainState, config: Config,
     last_saved = [int(state.step)]
     with tqdm(total=steps_per_epoch, initial=position.step_in_epoch,
               desc=f"epoch {position.epoch}/{config.epochs}", unit="step",
-              disable=not config.progress, leave=False, file=sys.stderr) as bar:
+              disable=not (config.progress and parallel.is_main_process()), leave=False,
+              file=sys.stderr) as bar:
         for state, sums, n in pipeline.train_epoch(state, position.epoch, steps,
                                                    position.step_in_epoch):
             position.loss_sum += float(sums["loss"])  # one host sync per dispatch
@@ -429,9 +448,9 @@ def _print_epoch(r: dict, epochs: int) -> None:
     val = (f"  val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%"
            if "val_loss" in r else "")
     lr = f"  lr {r['learning_rate']:.2e}" if r.get("learning_rate") is not None else ""
-    print(f"epoch {r['epoch']:>3}/{epochs}  train loss {r['train_loss']:.4f} "
-          f"acc {100 * r['train_accuracy']:.2f}%{val}{lr}  "
-          f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.1f} s", flush=True)
+    _log(f"epoch {r['epoch']:>3}/{epochs}  train loss {r['train_loss']:.4f} "
+         f"acc {100 * r['train_accuracy']:.2f}%{val}{lr}  "
+         f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.1f} s")
 
 
 def train_and_evaluate(config: Config, workdir: str) -> Result:

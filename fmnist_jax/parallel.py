@@ -1,0 +1,103 @@
+"""All the devices of all the hosts: one mesh with a ``data`` axis.
+
+Data parallelism with ``jax.sharding``: every batch is split along the ``data`` axis, the
+parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce. One
+device is the same code with a mesh of size one. Batch-norm statistics are computed over the
+*global* batch, as on one device, because the steps are written for the whole batch and
+jit partitions them.
+
+Several hosts (a TPU pod slice, a GPU cluster): :func:`setup` calls
+``jax.distributed.initialize()`` when asked (``--distributed``) or when the environment names
+a coordinator (``JAX_COORDINATOR_ADDRESS``); JAX auto-detects TPU pods, SLURM and Open MPI.
+Each host then feeds the part of every batch that belongs to its own devices, and only
+process 0 prints and writes files (checkpoints are written by all, through Orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fmnist_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The mesh and the shardings a run uses."""
+
+    mesh: Mesh
+
+    @property
+    def count(self) -> int:
+        return self.mesh.size
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def sharded(self, axis: int = 0) -> NamedSharding:
+        """Split along ``axis`` over the ``data`` axis of the mesh."""
+        return NamedSharding(self.mesh, P(*([None] * axis), "data"))
+
+    def replicate(self, tree):
+        """Places host values (the same on every process) on every device."""
+        return self.put(tree, self.replicated)
+
+    def put(self, tree, sharding: NamedSharding):
+        """Places host values, the whole (global) arrays on every process, with
+        ``sharding``; each process transfers only what its own devices hold."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, sharding)
+
+        def put(x):
+            is_key = jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+            data = np.asarray(jax.random.key_data(x) if is_key else x)
+            out = jax.make_array_from_callback(data.shape, sharding, lambda i: data[i])
+            return jax.random.wrap_key_data(out) if is_key else out
+
+        return jax.tree.map(put, tree)
+
+    def shard_batch(self, tree, axis: int = 0):
+        """Places this process's part of a batch (split along ``axis``) on its devices."""
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.sharded(axis), x), tree)
+
+    def local_slice(self, size: int) -> slice:
+        """This process's contiguous part of a global batch of ``size``."""
+        per_process = size // jax.process_count()
+        start = jax.process_index() * per_process
+        return slice(start, start + per_process)
+
+    def check_batch_size(self, batch_size: int, flag: str = "--batch_size") -> None:
+        if batch_size % self.count:
+            raise UserError(
+                f"{flag}={batch_size} does not divide over the {self.count} devices "
+                f"({jax.devices()[0].platform}); use a multiple of {self.count}, e.g. "
+                f"{max(self.count, batch_size // self.count * self.count)}")
+
+
+def setup(distributed: bool = False) -> Devices:
+    """Joins the other hosts if asked, and builds a 1-D ``data`` mesh over all devices."""
+    if (distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
+            not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    return Devices(jax.make_mesh((jax.device_count(),), ("data",),
+                                 axis_types=(jax.sharding.AxisType.Auto,)))
+
+
+def is_main_process() -> bool:
+    """Only process 0 prints, writes metrics and plots."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits for every process to get here (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

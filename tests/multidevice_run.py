@@ -1,0 +1,61 @@
+"""Run by tests/test_parallel.py in a subprocess (the device count is fixed per process).
+
+Writes a JSON report to argv[1]: ten training steps' parameters, an evaluation, a two-epoch
+run with its compilation counts, and the error for a batch size that does not divide.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+import fmnist_jax.train as train_lib
+from fmnist_jax import Config, UserError, fit, parallel
+from fmnist_jax.data import load_dataset
+from fmnist_jax.input_pipeline import DeviceResident
+from fmnist_jax.models import create_model
+from fmnist_jax.steps import create_train_state, make_loss, make_steps
+
+report = {"devices": jax.device_count()}
+data = load_dataset(validation_size=5000)
+
+# Ten steps with dropout and batch norm, and an evaluation: the same numbers up to float
+# rounding, whatever the number of devices.
+devices = parallel.setup()
+pipeline = DeviceResident(data.train, {"validation": data.validation}, devices=devices,
+                          batch_size=128, eval_batch_size=1000, steps_per_dispatch=1,
+                          rng=jax.random.key(5))
+tx = optax.sgd(0.05)  # Adam would turn float noise in zero gradients into +-lr steps
+graphdef, state = create_train_state(create_model("cnn", rngs=nnx.Rngs(0), features=(8, 16)),
+                                     tx, jax.random.key(1))
+steps = make_steps(graphdef, tx, make_loss(), replicated=devices.replicated)
+state = devices.replicate(state)
+for i, (state, _, _) in enumerate(pipeline.train_epoch(state, 1, steps)):
+    if i == 9:
+        break
+report["params_after_10_steps"] = np.concatenate(
+    [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]).tolist()
+report["eval"] = pipeline.evaluate(state, "validation", steps)
+
+# A whole run, counting compilations after the first epoch.
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: compiles.append(name)
+    if name == "/jax/core/compile/backend_compile_duration" else None)
+marks = []
+print_epoch = train_lib._print_epoch
+train_lib._print_epoch = lambda record, epochs: (marks.append(len(compiles)),
+                                                 print_epoch(record, epochs))
+result = fit(Config(model="mlp", epochs=2, eval_batch_size=999, progress=False), data=data)
+report["compiles_at_epoch_ends"] = list(marks)
+report["history"] = result.history
+report["summary"] = result.summary
+
+try:
+    fit(Config(model="mlp", epochs=1, batch_size=100, progress=False), data=data)
+except UserError as e:
+    report["batch_error"] = str(e)
+json.dump(report, open(sys.argv[1], "w"))
