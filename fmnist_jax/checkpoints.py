@@ -34,7 +34,7 @@ from fmnist_jax.steps import TrainState
 
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
-RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "fresh", "debug_nans",
+RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "plots", "fresh", "debug_nans",
                                "checkpoint_every_steps", "keep_checkpoints", "distributed"})
 # Config fields that decide the shapes of the parameters.
 ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm")

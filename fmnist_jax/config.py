@@ -80,6 +80,8 @@ class Config:
     keep_checkpoints: int = _f(3, "checkpoints kept: the newest N, plus the best by "
                                   "--monitor")
     progress: bool = _f(True, "show a progress bar")
+    plots: bool = _f(True, "write learning curves, confusion matrix, a grid of test "
+                           "predictions and the most confused pairs as PNG into the workdir")
     debug_nans: bool = _f(False, "JAX's NaN checking: stop at the first operation that "
                                  "makes a NaN, with its traceback (slow)")
 

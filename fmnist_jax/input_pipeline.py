@@ -75,6 +75,7 @@ class DeviceResident:
                                         devices.sharded(axis=1))
                       for name, split in evals.items() if split is not None}
         self.has_validation = "validation" in self.evals
+        self._test = evals.get("test")
         self._order = jax.jit(self._epoch_order, out_shardings=devices.sharded(axis=1))
 
     def _epoch_order(self, rng: jax.Array, epoch: jax.Array) -> jax.Array:
@@ -98,6 +99,10 @@ class DeviceResident:
 
     def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
         return finish(steps.eval_scan(state, *self.evals[split]))
+
+    def test_split(self) -> Split:
+        """The test images and labels on the host (for plots)."""
+        return self._test
 
 
 class TfdsStream:
@@ -200,6 +205,10 @@ class TfdsStream:
             out = steps.eval_step(state, batch)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         return finish(sums)
+
+    def test_split(self) -> Split:
+        """The test images and labels on the host (for plots)."""
+        return Split(*self._gather(self.sources["test"], self.split_index["test"]))
 
 
 def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None) -> dict:

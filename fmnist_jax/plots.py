@@ -46,3 +46,99 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
+                         title: str = "") -> None:
+    """Loss and accuracy per epoch, training and validation."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        if any(f"val_{metric}" in r for r in history):
+            ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-",
+                    label="validation")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                     class_names: Sequence[str], path: str | os.PathLike,
+                     rows: int = 5, cols: int = 6) -> None:
+    """A grid of test images titled with the predicted class and its probability: green
+    when right, red (with the true class) when wrong."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), dpi=100)
+    predictions = probabilities.argmax(-1)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        ax.imshow(images[i].squeeze(), cmap="gray")
+        right = predictions[i] == labels[i]
+        title = f"{class_names[predictions[i]]} {100 * probabilities[i].max():.0f}%"
+        if not right:
+            title += f"\n(is {class_names[labels[i]]})"
+        ax.set_title(title, color="green" if right else "red", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def most_confused(matrix: np.ndarray, class_names: Sequence[str], k: int = 8
+                  ) -> list[tuple[str, str, int]]:
+    """The ``k`` largest off-diagonal cells: (true class, predicted class, count)."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None)[:k]
+    return [(class_names[i], class_names[j], int(off[i, j]))
+            for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j] > 0]
+
+
+def plot_most_confused(matrix: np.ndarray, class_names: Sequence[str],
+                       path: str | os.PathLike, k: int = 8) -> None:
+    """Horizontal bars: how many test images of one class were taken for another."""
+    plt = _pyplot()
+    pairs = most_confused(matrix, class_names, k)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(pairs), 1) + 1.2), dpi=100)
+    ax.barh([f"{t} -> {p}" for t, p, _ in pairs][::-1], [n for *_, n in pairs][::-1],
+            color="tab:red")
+    ax.set_xlabel("test images (true -> predicted)")
+    ax.set_title("most confused pairs")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_run_plots(directory: str | os.PathLike, history: Sequence[dict],
+                    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                    class_names: Sequence[str], title: str = "") -> list[str]:
+    """All the pictures of a finished run, from its history and its predictions on the test
+    split (the grid shows the first 30 test images); returns the file names written."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    matrix = confusion_matrix(labels, probabilities.argmax(-1), len(class_names))
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    files = {
+        "learning_curves.png": lambda p: plot_learning_curves(history, p, title),
+        "confusion_matrix.png": lambda p: plot_confusion_matrix(
+            matrix, class_names, p, f"{title}: test accuracy {100 * accuracy:.2f}%"),
+        "predictions.png": lambda p: plot_predictions(images[:30], labels[:30],
+                                                      probabilities[:30], class_names, p),
+        "most_confused.png": lambda p: plot_most_confused(matrix, class_names, p),
+    }
+    for name, draw in files.items():
+        draw(directory / name)
+    return list(files)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -33,7 +34,7 @@ from fmnist_jax import parallel
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, config_dict, move_aside
 from fmnist_jax.cli import parse_config, quiet_library_logs
 from fmnist_jax.config import Config
-from fmnist_jax.data import Dataset, find_files, load_dataset
+from fmnist_jax.data import CLASS_NAMES, Dataset, find_files, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
 from fmnist_jax.parallel import Devices
@@ -350,11 +351,24 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
         "jax_version": jax.__version__,
         "data_source": config.data_source,
     }
-    if writes:
-        metrics_lib.write_json(out / "summary.json", summary)
     _log(f"test: loss {test['loss']:.4f}, accuracy {100 * test['accuracy']:.2f}% "
          f"({test['count']} images); {summary['wall_time_s']:.1f} s in all")
+    if writes:
+        metrics_lib.write_json(out / "summary.json", summary)
+        if config.plots and history:
+            _write_plots(out, history, pipeline.test_split(), steps, state, model_name)
     return Result(state, graphdef, history, summary, steps)
+
+
+def _write_plots(out, history, test, steps: Steps, state: TrainState, title: str) -> None:
+    from fmnist_jax import plots
+
+    logits = np.concatenate([np.asarray(steps.predict(state, test.images[i:i + 1000]))
+                             for i in range(0, len(test.labels), 1000)])
+    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    names = plots.write_run_plots(out, history, test.images, test.labels, probabilities,
+                                  CLASS_NAMES, title)
+    _log(f"plots: {', '.join(str(out / n) for n in names)}")
 
 
 def _checkpoint_metrics(record: dict) -> dict | None:

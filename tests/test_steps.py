@@ -113,3 +113,20 @@ def test_scan_equals_single_steps():
     np.testing.assert_allclose(float(sums["loss"]), sum(losses), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(scanned.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_state():
+    model = create_model("cnn", rngs=nnx.Rngs(0), features=(8, 16), dense=32)
+    tx = optax.adam(1e-3)
+    graphdef, state = create_train_state(model, tx, jax.random.key(1))
+    f32 = make_steps(graphdef, tx, make_loss())
+    bf16 = make_steps(graphdef, tx, make_loss(), dtype=jnp.bfloat16)
+    batch = _batch()
+    s32, m32 = f32.train_step(jax.tree.map(jnp.copy, state), batch)
+    s16, m16 = bf16.train_step(jax.tree.map(jnp.copy, state), batch)
+    assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+    for leaf in jax.tree.leaves((s16.params, s16.model_state, s16.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    logits = bf16.predict(s16, batch["image"])
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, f32.predict(s16, batch["image"]), atol=0.1)
