@@ -82,10 +82,21 @@ class Devices:
 
 
 def setup(distributed: bool = False) -> Devices:
-    """Joins the other hosts if asked, and builds a 1-D ``data`` mesh over all devices."""
+    """Joins the other hosts if asked, and builds a 1-D ``data`` mesh over all devices.
+
+    Without a cluster JAX detects, set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0)
+    and, on each host, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+    """
     if (distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
             not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        try:
+            jax.distributed.initialize(num_processes=int(count) if count else None,
+                                       process_id=int(index) if index else None)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--distributed: jax.distributed.initialize() failed ({e}); "
+                            "on a cluster JAX does not detect, set JAX_COORDINATOR_ADDRESS="
+                            "host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host")
     return Devices(jax.make_mesh((jax.device_count(),), ("data",),
                                  axis_types=(jax.sharding.AxisType.Auto,)))
 

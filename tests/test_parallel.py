@@ -74,3 +74,31 @@ def test_batch_size_must_divide_over_the_devices(reports):
     assert reports[8]["batch_error"] == (
         "--batch_size=100 does not divide over the 8 devices (cpu); use a multiple of 8, "
         "e.g. 96")
+
+
+def test_two_hosts_on_one_machine(real_data_dir, tmp_path):
+    """The multi-host path: 2 processes x 2 CPU devices, joined by jax.distributed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "FMNIST_DATA_DIR": str(real_data_dir), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(i)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fmnist_jax.train", "--model=mlp", "--epochs=1",
+             "--noprogress", "--noplots", f"--workdir={tmp_path}"], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "epoch   1/1" in outs[0][0] and "test: loss" in outs[0][0]
+    # Only process 0 prints (Gloo, the CPU collectives library, announces its connections).
+    assert [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["num_processes"], summary["num_devices"]) == (2, 4)
+    assert summary["test_count"] == 10_000 and summary["test_accuracy"] > 0.8
+    assert (tmp_path / "checkpoints" / "429").is_dir()
