@@ -9,7 +9,7 @@ ifneq ($(SHARED_DATA),)
 export FMNIST_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: install train test clean
+.PHONY: install train test peers benchmark clean
 
 install: $(VENV)/.installed
 
@@ -25,5 +25,17 @@ train: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+# PyTorch (CPU) and Keras 3 on TensorFlow, in their own venv, for the benchmark's peers.
+peers: .venv-peers/.installed
+
+.venv-peers/.installed:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	.venv-peers/bin/python -m pip install -q torch==2.13.0 tensorflow-cpu==2.21.0 keras==3.15.0
+	touch $@
+
+benchmark: install
+	$(PY) experiments/benchmark.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-peers runs .pytest_cache

@@ -34,8 +34,9 @@ from fmnist_jax.steps import TrainState
 
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
-RESUMABLE_CHANGES = frozenset({"workdir", "data_dir", "progress", "plots", "fresh", "debug_nans",
-                               "checkpoint_every_steps", "keep_checkpoints", "distributed"})
+RESUMABLE_CHANGES = frozenset({
+    "workdir", "data_dir", "progress", "plots", "fresh", "debug_nans", "compilation_cache",
+    "checkpoint_every_steps", "keep_checkpoints", "distributed", "test_every_epoch"})
 # Config fields that decide the shapes of the parameters.
 ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm")
 

@@ -80,6 +80,12 @@ class Config:
     keep_checkpoints: int = _f(3, "checkpoints kept: the newest N, plus the best by "
                                   "--monitor")
     progress: bool = _f(True, "show a progress bar")
+    compilation_cache: bool = _f(True, "keep compiled programs in JAX's persistent cache "
+                                       "($XDG_CACHE_HOME/fmnist_jax/jax): later runs start "
+                                       "faster")
+    test_every_epoch: bool = _f(False, "also evaluate the test split after every epoch "
+                                       "(for time-to-accuracy benchmarks; choose models "
+                                       "on validation, not on this)")
     plots: bool = _f(True, "write learning curves, confusion matrix, a grid of test "
                            "predictions and the most confused pairs as PNG into the workdir")
     debug_nans: bool = _f(False, "JAX's NaN checking: stop at the first operation that "

@@ -76,7 +76,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, loss: str = "sparse",
 
 
 def make_loss(loss: str = "sparse", label_smoothing: float = 0.0) -> LossFn:
-    cross_entropy(jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32), loss=loss)  # validate name
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     return functools.partial(cross_entropy, loss=loss, label_smoothing=label_smoothing)
 
 
