@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,35 @@ def tiny_dataset(n_train: int = 512, n_val: int = 128, n_test: int = 256):
         return Split(images[..., None], labels.astype(np.int32))
 
     return Dataset(split(n_train, 0), split(n_val, 1), split(n_test, 2), source="synthetic")
+
+
+class LocalMirror:
+    """Serves ``directory`` on 127.0.0.1 as a download mirror (``url``).
+
+    ``send(body, outputfile)`` writes a file's bytes to the client: override it to cut or
+    stall a download.
+    """
+
+    def __init__(self, directory: Path):
+        mirror = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=str(directory), **k)
+
+            def log_message(self, *args):
+                pass
+
+            def copyfile(self, source, outputfile):
+                mirror.send(source.read(), outputfile)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def send(self, body: bytes, outputfile) -> None:
+        outputfile.write(body)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

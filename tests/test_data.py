@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import http.server
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import idx_bytes, write_idx_set
+from conftest import LocalMirror, idx_bytes, write_idx_set
 
 from fmnist_jax import data
 from fmnist_jax.data import IdxFile, Split, read_idx, split_validation
@@ -183,33 +181,16 @@ def test_offline_with_no_copy_lists_the_ways(places):
 
 # ------------------------------------------------------------------ downloading
 
-class _Server:
-    """Serves a directory on 127.0.0.1; ``cut`` sends only the first half of each file."""
+class _HalfMirror(LocalMirror):
+    """Sends only the first half of each file (with the full Content-Length)."""
 
-    def __init__(self, directory: Path, cut: bool = False):
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **k):
-                super().__init__(*a, directory=str(directory), **k)
-
-            def log_message(self, *args):
-                pass
-
-            def copyfile(self, source, outputfile):
-                body = source.read()
-                outputfile.write(body[: len(body) // 2] if cut else body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def send(self, body, outputfile):
+        outputfile.write(body[: len(body) // 2])
 
 
 def test_download_into_cache(places, tmp_path, monkeypatch):
     files = write_idx_set(tmp_path / "mirror")
-    server = _Server(tmp_path / "mirror")
+    server = LocalMirror(tmp_path / "mirror")
     monkeypatch.setenv("FMNIST_MIRRORS", f"http://127.0.0.1:9/ {server.url}")
     try:
         found = data.find_files(None, files)
@@ -222,7 +203,7 @@ def test_download_into_cache(places, tmp_path, monkeypatch):
 
 def test_interrupted_download_leaves_nothing(places, tmp_path, monkeypatch):
     files = write_idx_set(tmp_path / "mirror")
-    server = _Server(tmp_path / "mirror", cut=True)
+    server = _HalfMirror(tmp_path / "mirror")
     monkeypatch.setenv("FMNIST_MIRRORS", server.url)
     try:
         with pytest.raises(UserError, match="could not be downloaded"):
@@ -236,7 +217,7 @@ def test_download_with_wrong_checksum_leaves_nothing(places, tmp_path, monkeypat
     files = write_idx_set(tmp_path / "mirror")
     bad = data.DatasetFiles(*(f.__class__(f.name, f.kind, f.count, "0" * 64)
                               for f in files.all()))
-    server = _Server(tmp_path / "mirror")
+    server = LocalMirror(tmp_path / "mirror")
     monkeypatch.setenv("FMNIST_MIRRORS", server.url)
     try:
         with pytest.raises(UserError, match="fails its checksum"):

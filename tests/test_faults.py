@@ -15,7 +15,6 @@ Also covered in other files:
 from __future__ import annotations
 
 import gzip
-import http.server
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_dataset
+from conftest import LocalMirror, tiny_dataset
 
 from fmnist_jax import Config, fit, train
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, load_state
@@ -122,40 +121,28 @@ def test_unreadable_data_directory(data_copy, tmp_path, capsys, monkeypatch):
     assert code == 2 and "cannot be read (permission denied)" in one_line(err)
 
 
-class _SlowServer:
-    """Serves the first 64 KiB of each file, then waits until told to go on."""
+class _StallingMirror(LocalMirror):
+    """Sends the first 64 KiB of a file, then waits until closed."""
 
     def __init__(self, directory: Path):
         self.release = threading.Event()
         self.sent = threading.Event()
-        server = self
+        super().__init__(directory)
 
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **k):
-                super().__init__(*a, directory=str(directory), **k)
-
-            def log_message(self, *args):
-                pass
-
-            def copyfile(self, source, outputfile):
-                outputfile.write(source.read(65536))
-                outputfile.flush()
-                server.sent.set()
-                server.release.wait(30)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def send(self, body, outputfile):
+        outputfile.write(body[:65536])
+        outputfile.flush()
+        self.sent.set()
+        self.release.wait(30)
 
     def close(self):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
 
 def test_sigint_while_downloading_leaves_no_partial_file(real_data_dir, tmp_path):
     """Interrupt during data loading: a download in progress."""
-    server = _SlowServer(real_data_dir)
+    server = _StallingMirror(real_data_dir)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path),
            "FMNIST_MIRRORS": server.url}
     env.pop("FMNIST_DATA_DIR", None)
@@ -171,7 +158,8 @@ def test_sigint_while_downloading_leaves_no_partial_file(real_data_dir, tmp_path
     assert proc.returncode == 130, err
     assert "interrupted by SIGINT outside the training loop" in err
     assert "no training had been saved" in err and "Traceback" not in err
-    assert list((tmp_path / "cache" / "fmnist_jax").iterdir()) == []  # no *.part left
+    cache = tmp_path / "cache" / "fmnist_jax"
+    assert [p.name for p in cache.iterdir() if p.is_file()] == []  # no *.part, no .gz
 
 
 # ------------------------------------------------------------------ flags
