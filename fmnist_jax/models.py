@@ -49,6 +49,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: str = "SAM
     its autodiff gradients are slices, pads and matmuls, which XLA:CPU runs fast.
     """
     k = kernel.shape[0]
+    x = x.astype(kernel.dtype)  # compute in the kernel's dtype (bfloat16 when asked)
     if padding == "SAME":
         lo, hi = (k - 1) // 2, k // 2
         x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))

@@ -88,8 +88,9 @@ def _cast(tree, dtype):
 
 
 def _merge(graphdef, params, model_state, dtype):
-    """The model with its variables in the compute dtype (master copies stay float32)."""
-    return nnx.merge(graphdef, _cast(params, dtype), _cast(model_state, dtype), copy=True)
+    """The model with its parameters in the compute dtype (the master copies stay float32).
+    Batch-norm statistics stay float32, as mixed precision wants them."""
+    return nnx.merge(graphdef, _cast(params, dtype), model_state, copy=True)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
