@@ -49,6 +49,18 @@ def pad_to_batches(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarra
             labels.reshape(batches, batch_size), mask.reshape(batches, batch_size))
 
 
+def check_batch_size(batch_size: int, num_train: int, devices: Devices) -> None:
+    if not 0 < batch_size <= num_train:
+        raise UserError(f"--batch_size={batch_size} must be between 1 and the {num_train} "
+                        "training images")
+    devices.check_batch_size(batch_size)
+
+
+def per_device_multiple(eval_batch_size: int, devices: Devices) -> int:
+    """Evaluation batches are padded anyway: round them up to split over the devices."""
+    return -(-eval_batch_size // devices.count) * devices.count
+
+
 class DeviceResident:
     """Whole splits on every device; batches gathered inside a jitted scan.
 
@@ -61,16 +73,13 @@ class DeviceResident:
                  batch_size: int, eval_batch_size: int, steps_per_dispatch: int,
                  rng: jax.Array):
         self.num_train = len(train.labels)
-        if not 0 < batch_size <= self.num_train:
-            raise UserError(f"--batch_size={batch_size} must be between 1 and the "
-                            f"{self.num_train} training images")
-        devices.check_batch_size(batch_size)
+        check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
         self.steps_per_dispatch = steps_per_dispatch
         self.rng = rng
         self.train = devices.replicate((train.images, train.labels))
-        eval_batch_size = -(-eval_batch_size // devices.count) * devices.count
+        eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.evals = {name: devices.put(pad_to_batches(split, eval_batch_size),
                                         devices.sharded(axis=1))
                       for name, split in evals.items() if split is not None}
@@ -126,13 +135,10 @@ class TfdsStream:
         self.split_index = {"validation": np.arange(validation_size),
                             "test": np.arange(len(self.sources["test"]))}
         self.num_train = len(self.train_index)
-        if not 0 < batch_size <= self.num_train:
-            raise UserError(f"--batch_size={batch_size} must be between 1 and the "
-                            f"{self.num_train} training images")
-        devices.check_batch_size(batch_size)
+        check_batch_size(batch_size, self.num_train, devices)
         self.devices = devices
         self.batch_size = batch_size
-        self.eval_batch_size = -(-eval_batch_size // devices.count) * devices.count
+        self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.steps_per_epoch = self.num_train // batch_size
         self.seed = seed
 
