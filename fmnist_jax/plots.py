@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, never opens a window
@@ -28,7 +29,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
                           path: str | os.PathLike, title: str = "") -> None:
     """Writes the confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
     ax.imshow(matrix, cmap="Blues")
     n = len(class_names)
@@ -51,7 +52,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
 def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
                          title: str = "") -> None:
     """Loss and accuracy per epoch, training and validation."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
@@ -78,7 +79,7 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.n
                      rows: int = 5, cols: int = 6) -> None:
     """A grid of test images titled with the predicted class and its probability: green
     when right, red (with the true class) when wrong."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), dpi=100)
     predictions = probabilities.argmax(-1)
     for i, ax in enumerate(axes.flat):
@@ -109,7 +110,7 @@ def most_confused(matrix: np.ndarray, class_names: Sequence[str], k: int = 8
 def plot_most_confused(matrix: np.ndarray, class_names: Sequence[str],
                        path: str | os.PathLike, k: int = 8) -> None:
     """Horizontal bars: how many test images of one class were taken for another."""
-    plt = _pyplot()
+    plt = pyplot()
     pairs = most_confused(matrix, class_names, k)
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(pairs), 1) + 1.2), dpi=100)
     ax.barh([f"{t} -> {p}" for t, p, _ in pairs][::-1], [n for *_, n in pairs][::-1],
