@@ -3,7 +3,10 @@
 The pieces, one module each: :mod:`~fmnist_jax.data` (the IDX files),
 :mod:`~fmnist_jax.input_pipeline` (batches), :mod:`~fmnist_jax.models`,
 :mod:`~fmnist_jax.optim`, :mod:`~fmnist_jax.steps` (pure jitted steps),
-:mod:`~fmnist_jax.train` (the run), :mod:`~fmnist_jax.config` and :mod:`~fmnist_jax.cli`.
+:mod:`~fmnist_jax.train` (the run), :mod:`~fmnist_jax.checkpoints`,
+:mod:`~fmnist_jax.parallel` (devices), :mod:`~fmnist_jax.plots`,
+:mod:`~fmnist_jax.evaluate`, :mod:`~fmnist_jax.predict`, :mod:`~fmnist_jax.config` and
+:mod:`~fmnist_jax.cli`.
 """
 
 from fmnist_jax.config import PRESETS, Config, preset
