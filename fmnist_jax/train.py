@@ -213,9 +213,12 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     workdir = workdir if workdir is not None else config.workdir
     out = metrics_lib.prepare_workdir(workdir) if workdir else None
     lock = WorkdirLock(out) if out and parallel.is_main_process() else None
+    debug_nans = jax.config.jax_debug_nans
+    jax.config.update("jax_debug_nans", debug_nans or config.debug_nans)
     try:
         return _fit(config, model, optimizer, loss_fn, data, out, devices)
     finally:
+        jax.config.update("jax_debug_nans", debug_nans)
         if lock:
             lock.release()
 
@@ -251,8 +254,6 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
     started = time.perf_counter()
     writes = out is not None and parallel.is_main_process()  # metrics files, plots
     init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
-    if config.debug_nans:
-        jax.config.update("jax_debug_nans", True)
     with _StopOnSignal() as stop:
         pipeline = _make_pipeline(config, data, data_key, devices)
         steps_per_epoch = pipeline.steps_per_epoch
@@ -364,8 +365,6 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                                                      int(state.step)), stop.signum, out)
         finally:
             stop.armed = False
-            if config.debug_nans:
-                jax.config.update("jax_debug_nans", False)
             if writer:
                 writer.close()
             if ckpt:
