@@ -97,9 +97,10 @@ class Checkpoints:
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
                  monitor: str = "val_accuracy", read_only: bool = False):
+        from fmnist_jax.config import monitor_sign
+
         self.directory = Path(workdir).absolute() / "checkpoints"
-        sign = -1.0 if monitor == "val_loss" else 1.0
-        self.monitor = monitor
+        sign = monitor_sign(monitor)
 
         def metric(metrics):  # ties go to the earlier step, as in early stopping
             return (sign * metrics[monitor], -metrics["step"])
@@ -212,24 +213,20 @@ class Checkpoints:
 
 def check_compatible(saved: dict, current: dict, where: Path) -> None:
     """Raises a UserError naming every field in which a checkpoint's config differs."""
-    arch = [k for k in ARCHITECTURE if _norm(saved.get(k)) != _norm(current.get(k))]
+    arch = [k for k in ARCHITECTURE if saved.get(k) != current.get(k)]
     if arch:
         diffs = ", ".join(f"--{k}={_show(saved.get(k))} there, {_show(current.get(k))} here"
                           for k in arch)
         raise UserError(f"checkpoint {where} is of another model ({diffs}); use --fresh to "
                         "start over (the old checkpoints are moved aside) or another --workdir")
     other = [k for k in sorted(set(saved) | set(current))
-             if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k))]
+             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
     if other:
         diffs = ", ".join(f"--{k}={_show(saved.get(k))} there, {_show(current.get(k))} here"
                           for k in other)
         raise UserError(f"this workdir holds a run with other settings ({diffs}); to resume "
                         "it repeat its settings, or use --fresh to start over (the old "
                         "checkpoints are moved aside), or choose another --workdir")
-
-
-def _norm(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _show(value) -> str:
@@ -239,11 +236,11 @@ def _show(value) -> str:
 
 
 def move_aside(workdir: Path) -> Path | None:
-    """``--fresh``: moves the previous run's checkpoints and metrics into
-    ``<workdir>/previous-<time>/`` (nothing is deleted). Returns that directory."""
-    names = ("checkpoints", "checkpoints.corrupt", "metrics.jsonl", "summary.json",
-             "config.json")
-    present = [workdir / n for n in names if (workdir / n).exists()]
+    """``--fresh``: moves everything of the previous run (checkpoints, metrics, plots,
+    evaluations) into ``<workdir>/previous-<time>/``; nothing is deleted. Returns that
+    directory, or None when there was nothing."""
+    present = [p for p in workdir.iterdir()
+               if p.name != ".lock" and not p.name.startswith("previous-")]
     if not present:
         return None
     target = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -251,14 +248,6 @@ def move_aside(workdir: Path) -> Path | None:
     for path in present:
         shutil.move(str(path), str(target / path.name))
     return target
-
-
-def config_dict(config) -> dict:
-    return json_ready(dataclasses.asdict(config))
-
-
-def json_ready(values: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 # ---------------------------------------------------------------------- loading a model

@@ -7,7 +7,6 @@ what ``--help`` prints. Defaults are the defaults of ``python -m fmnist_jax.trai
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import field
 
 from fmnist_jax.errors import UserError
@@ -18,6 +17,11 @@ from fmnist_jax.steps import LOSSES
 DATA_SOURCES = ("idx", "tfds")
 MONITORS = ("val_accuracy", "val_loss")
 DTYPES = ("float32", "bfloat16")
+
+
+def monitor_sign(monitor: str) -> float:
+    """+1 when a larger ``monitor`` value is better (accuracy), -1 when smaller is (loss)."""
+    return -1.0 if monitor == "val_loss" else 1.0
 
 
 def _f(default, help: str, choices=None):
@@ -99,8 +103,10 @@ class Config:
                     dropout=None if self.dropout < 0 else self.dropout,
                     batch_norm=self.batch_norm)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_dict(self) -> dict:
+        """JSON-ready values (tuples as lists), as in config.json and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:

@@ -32,9 +32,9 @@ from flax import nnx
 
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax import parallel
-from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, config_dict, move_aside
+from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, move_aside
 from fmnist_jax.cli import parse_config, quiet_library_logs
-from fmnist_jax.config import Config
+from fmnist_jax.config import Config, monitor_sign
 from fmnist_jax.data import CLASS_NAMES, Dataset, cache_dir, find_files, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
@@ -86,7 +86,7 @@ class _Monitor:
 
     def __init__(self, config: Config):
         self.key = config.monitor
-        self.sign = -1.0 if config.monitor == "val_loss" else 1.0
+        self.sign = monitor_sign(config.monitor)
         self.patience = config.patience
         self.best_value = -float("inf")
         self.best_epoch = 0
@@ -292,12 +292,12 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             ckpt = Checkpoints(out, keep=config.keep_checkpoints, monitor=config.monitor)
             state, position, history = _resume(ckpt, state, config, monitor, steps_per_epoch)
         if writes:
-            metrics_lib.write_json(out / "config.json", config_dict(config))
+            metrics_lib.write_json(out / "config.json", config.to_dict())
             metrics_lib.write_jsonl(out / "metrics.jsonl", history)
             writer = metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True)
 
         def meta() -> dict:
-            return {"config": config_dict(config), "epoch": position.epoch,
+            return {"config": config.to_dict(), "epoch": position.epoch,
                     "step_in_epoch": position.step_in_epoch, "loss_sum": position.loss_sum,
                     "accuracy_sum": position.accuracy_sum, "history": history,
                     "monitor": monitor.to_dict(), "stopped_early": position.stopped_early,
@@ -307,7 +307,7 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
 
         def after_dispatch(state: TrainState, sums: dict, last_saved: list[int]) -> None:
             if (bad := int(sums["first_nonfinite"])) >= 0:
-                raise UserError(_nonfinite_message(bad, position.epoch, config, ckpt))
+                raise UserError(_set_aside_nonfinite(bad, position.epoch, config, ckpt))
             timings.setdefault("first_dispatch_done_s", _process_age())
             step = int(state.step)
             every = config.checkpoint_every_steps
@@ -370,19 +370,22 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             if ckpt:
                 ckpt.close()
 
+        final_val = history[-1] if history else None
         if monitor.patience and monitor.best_state is not None:
             state = monitor.best_state
+            final_val = history[monitor.best_epoch - 1]
+        if final_val is None and pipeline.has_validation:  # no epoch trained
+            val = pipeline.evaluate(state, "validation", steps)
+            final_val = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         test = pipeline.evaluate(state, "test", steps)
-        final_val = (pipeline.evaluate(state, "validation", steps)
-                     if pipeline.has_validation else None)
     summary = {
         "model": model_name,
         "num_params": num_params,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "test_count": test["count"],
-        "val_accuracy": final_val["accuracy"] if final_val else None,
-        "val_loss": final_val["loss"] if final_val else None,
+        "val_accuracy": final_val.get("val_accuracy") if final_val else None,
+        "val_loss": final_val.get("val_loss") if final_val else None,
         "train_accuracy": history[-1]["train_accuracy"] if history else None,
         "epochs": len(history),
         "best_epoch": monitor.best_epoch if monitor.patience else len(history),
@@ -431,7 +434,7 @@ def _checkpoint_metrics(record: dict) -> dict | None:
 
 def _resume(ckpt: Checkpoints, state: TrainState, config: Config, monitor: _Monitor,
             steps_per_epoch: int) -> tuple[TrainState, _Position, list[dict]]:
-    restored = ckpt.restore_latest(state, config_dict(config))
+    restored = ckpt.restore_latest(state, config.to_dict())
     if restored is None:
         return state, _Position(), []
     state, meta = restored
@@ -460,9 +463,9 @@ def _stopped_message(out, position: _Position, steps_per_epoch: int, step: int) 
             f"with --workdir={out} to resume")
 
 
-def _nonfinite_message(step: int, epoch: int, config: Config, ckpt) -> str:
-    """Says where the loss stopped being finite; sets aside a checkpoint whose parameters
-    gave that loss (the one saved at ``step``, if any), so the latest one left is good."""
+def _set_aside_nonfinite(step: int, epoch: int, config: Config, ckpt) -> str:
+    """Sets aside a checkpoint whose parameters gave the non-finite loss (the one saved at
+    ``step``, if any), so the latest one left is good; returns the message to show."""
     kept = ""
     if ckpt:
         ckpt.wait()
