@@ -30,23 +30,26 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmnist_jax.errors import UserError
-from fmnist_jax.steps import TrainState
+from fmnist_jax.steps import TrainState, dropout_rng
 
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
 RESUMABLE_CHANGES = frozenset({
-    "workdir", "data_dir", "progress", "plots", "fresh", "debug_nans", "compilation_cache",
-    "checkpoint_every_steps", "keep_checkpoints", "distributed", "test_every_epoch"})
+    "workdir", "data_dir", "progress", "plots", "tensorboard", "fresh", "debug_nans",
+    "compilation_cache", "checkpoint_every_steps", "keep_checkpoints", "distributed",
+    "test_every_epoch"})
 # Config fields that decide the shapes of the parameters.
-ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm")
+ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm", "blocks")
 
 
 def to_saveable(state: TrainState) -> TrainState:
     return state.replace(rng=jax.random.key_data(state.rng))
 
 
-def from_saveable(state: TrainState) -> TrainState:
-    return state.replace(rng=jax.random.wrap_key_data(state.rng))
+def from_saveable(state: TrainState, template: TrainState) -> TrainState:
+    """Key data back to a key of the template's PRNG implementation."""
+    return state.replace(rng=jax.random.wrap_key_data(
+        state.rng, impl=jax.random.key_impl(template.rng)))
 
 
 class _QuietOrbax(logging.Filter):
@@ -175,7 +178,7 @@ class Checkpoints:
                     f"{str(e).splitlines()[0]} Use --fresh to start over (the old "
                     "checkpoints are moved aside) or another --workdir") from None
             raise
-        return from_saveable(restored.state), restored.meta
+        return from_saveable(restored.state, template), restored.meta
 
     def restore_latest(self, template: TrainState, config: dict
                        ) -> tuple[TrainState, dict] | None:
@@ -329,7 +332,8 @@ def load_state(workdir: str | os.PathLike, checkpoint: str | int = "best", *, mo
                                    momentum=config.momentum, nesterov=config.nesterov,
                                    weight_decay=config.weight_decay,
                                    clip_grad_norm=config.clip_grad_norm)
-    graphdef, template = create_train_state(model, optimizer, jax.random.key(0))
+    graphdef, template = create_train_state(model, optimizer, dropout_rng(jax.random.key(0)),
+                                            ema=config.ema_decay > 0)
     state, _ = ckpt.restore(step, template)
     ckpt.manager.close()
     return Loaded(graphdef, state, config, step)

@@ -6,7 +6,8 @@ it goes (the sums carry ``first_nonfinite``, the first step with a NaN or infini
 -1), and ``evaluate(state, split, steps)`` returns ``{"loss", "accuracy", "count"}``.
 
 - :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
-  are 43 MB). Every epoch draws a fresh permutation with ``jax.random`` and runs
+  are 43 MB). Every epoch draws a fresh permutation on the host (numpy: 0.1 ms, against 28 ms for
+  ``jax.random.permutation``'s sort on XLA:CPU), sends the 220 KB of indices, and runs
   ``steps_per_dispatch`` steps per host call inside a jitted ``lax.scan`` that gathers its
   batches on the device, so the host is out of the loop.
 - :class:`TfdsStream`: reads ``fashion_mnist`` through ``tfds.data_source`` (random-access
@@ -85,17 +86,16 @@ class DeviceResident:
                       for name, split in evals.items() if split is not None}
         self.has_validation = "validation" in self.evals
         self._test = evals.get("test")
-        self._order = jax.jit(self._epoch_order, out_shardings=devices.sharded(axis=1))
-
-    def _epoch_order(self, rng: jax.Array, epoch: jax.Array) -> jax.Array:
-        perm = jax.random.permutation(jax.random.fold_in(rng, epoch), self.num_train)
-        used = self.steps_per_epoch * self.batch_size
-        return perm[:used].reshape(self.steps_per_epoch, self.batch_size)
+        self._seed = [int(w) for w in np.asarray(jax.random.key_data(rng)).ravel()]
+        self._devices = devices
 
     def epoch_order(self, epoch: int) -> jax.Array:
-        """The epoch's batches as (steps, batch) indices; the tail that fills no batch is
-        left out this epoch (a different tail every epoch)."""
-        return self._order(self.rng, epoch)
+        """The epoch's batches as (steps, batch) indices, the same on every process; the
+        tail that fills no batch is left out this epoch (a different tail every epoch)."""
+        perm = np.random.default_rng([*self._seed, epoch]).permutation(self.num_train)
+        used = self.steps_per_epoch * self.batch_size
+        order = perm[:used].reshape(self.steps_per_epoch, self.batch_size).astype(np.int32)
+        return self._devices.put(order, self._devices.sharded(axis=1))
 
     def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
                     ) -> Iterator[tuple[TrainState, dict, int]]:

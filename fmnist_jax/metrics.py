@@ -1,4 +1,5 @@
-"""What a run writes into its workdir: ``config.json``, ``metrics.jsonl``, ``summary.json``.
+"""What a run writes into its workdir: ``config.json``, ``metrics.jsonl``, ``summary.json``,
+and with ``--tensorboard`` TensorBoard event files in ``tensorboard/``.
 
 JSON files are written atomically (temporary file, then rename): a crash never leaves a
 half-written one. ``metrics.jsonl`` gets one JSON object per epoch, flushed as it goes.
@@ -78,3 +79,38 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardWriter:
+    """The per-epoch records as TensorBoard scalars, by epoch: ``loss/train``,
+    ``loss/val``, ``accuracy/test``, ... and ``run/learning_rate``, ``run/images_per_s``.
+
+    Written with tensorboardX, which needs no TensorFlow (``pip install tensorboardX``, or
+    the ``tensorboard`` extra). View with ``tensorboard --logdir WORKDIR/tensorboard``.
+    """
+
+    def __init__(self, logdir: str | os.PathLike):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs tensorboardX: pip install tensorboardX "
+                            "(or pip install 'fmnist_jax[tensorboard]')") from None
+        self._writer = SummaryWriter(str(logdir))
+
+    @staticmethod
+    def tag(key: str) -> str:
+        for split in ("train", "val", "test"):
+            for metric in ("loss", "accuracy"):
+                if key == f"{split}_{metric}":
+                    return f"{metric}/{split}"
+        return f"run/{key}"
+
+    def write(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and \
+                    not isinstance(value, bool) and math.isfinite(value):
+                self._writer.add_scalar(self.tag(key), value, record["epoch"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

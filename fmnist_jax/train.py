@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from fmnist_jax import metrics as metrics_lib
+from fmnist_jax.augment import Augment
 from fmnist_jax import parallel
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, move_aside
 from fmnist_jax.cli import parse_config, quiet_library_logs
@@ -41,7 +42,8 @@ from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
 from fmnist_jax.parallel import Devices
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
-from fmnist_jax.steps import LossFn, Steps, TrainState, create_train_state, make_loss, make_steps
+from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, dropout_rng,
+                              make_loss, make_steps)
 
 
 class Preempted(UserError):
@@ -180,7 +182,8 @@ def _initial_state(config: Config, optimizer, init_key, dropout_key,
     def build(init_key, dropout_key):
         model = create_model(config.model, rngs=nnx.Rngs(params=init_key),
                              **config.model_kwargs())
-        graphdef, state = create_train_state(model, optimizer, dropout_key)
+        graphdef, state = create_train_state(model, optimizer, dropout_rng(dropout_key),
+                                             ema=config.ema_decay > 0)
         graphdefs.append(graphdef)  # static: recorded while tracing
         return state
 
@@ -273,18 +276,21 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             graphdef, state = _initial_state(config, optimizer, init_key, dropout_key,
                                              devices)
         else:
-            graphdef, state = create_train_state(model, optimizer, dropout_key)
+            graphdef, state = create_train_state(model, optimizer, dropout_rng(dropout_key),
+                                                 ema=config.ema_decay > 0)
             state = devices.replicate(state)
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         steps = make_steps(graphdef, optimizer, loss_fn, replicated=devices.replicated,
-                           dtype=jnp.dtype(config.dtype))
+                           dtype=jnp.dtype(config.dtype), ema_decay=config.ema_decay,
+                           augment=Augment(config.random_crop, config.random_flip,
+                                           config.random_erasing) or None)
 
         _log(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
              f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
              f"{steps_per_epoch} steps x {config.batch_size}, on {devices.count} "
              f"{jax.default_backend()} device(s)" + (f"; writing to {out}" if out else ""))
         position, history, monitor = _Position(), [], _Monitor(config)
-        ckpt = writer = None
+        ckpt, writers = None, []
         if out:
             if config.fresh and writes and (moved := move_aside(out)):
                 _log(f"--fresh: moved the previous run's files to {moved}")
@@ -294,7 +300,9 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
         if writes:
             metrics_lib.write_json(out / "config.json", config.to_dict())
             metrics_lib.write_jsonl(out / "metrics.jsonl", history)
-            writer = metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True)
+            writers.append(metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True))
+            if config.tensorboard:
+                writers.append(metrics_lib.TensorBoardWriter(out / "tensorboard"))
 
         def meta() -> dict:
             return {"config": config.to_dict(), "epoch": position.epoch,
@@ -352,7 +360,7 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                 position.loss_sum = position.accuracy_sum = 0.0
                 if ckpt:
                     ckpt.save(state, meta(), metrics=_checkpoint_metrics(record))
-                if writer:
+                for writer in writers:
                     writer.write(record)
                 _print_epoch(record, config.epochs)
                 if position.stopped_early:
@@ -365,7 +373,7 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                                                      int(state.step)), stop.signum, out)
         finally:
             stop.armed = False
-            if writer:
+            for writer in writers:
                 writer.close()
             if ckpt:
                 ckpt.close()

@@ -103,3 +103,20 @@ def test_two_hosts_on_one_machine(real_data_dir, tmp_path):
     assert (summary["num_processes"], summary["num_devices"]) == (2, 4)
     assert summary["test_count"] == 10_000 and summary["test_accuracy"] > 0.8
     assert (tmp_path / "checkpoints" / "429").is_dir()
+
+
+def test_xla_cpu_vector_width(monkeypatch):
+    from fmnist_jax import parallel
+
+    monkeypatch.setattr(parallel, "_cpu_has", lambda flag: flag == "avx512f")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    parallel.tune_xla_cpu()
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                       "--xla_cpu_prefer_vector_width=512")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")  # the user's wins
+    parallel.tune_xla_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+    monkeypatch.setattr(parallel, "_cpu_has", lambda flag: False)  # no AVX-512: untouched
+    monkeypatch.delenv("XLA_FLAGS")
+    parallel.tune_xla_cpu()
+    assert "XLA_FLAGS" not in os.environ

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from fmnist_jax.models import create_model
-from fmnist_jax.steps import (cross_entropy, make_loss, make_steps, create_train_state,
-                              normalize, PIXEL_MEAN, PIXEL_STD)
+from fmnist_jax.steps import (PIXEL_MEAN, PIXEL_STD, create_train_state, cross_entropy,
+                              dropout_rng, ema_decay_at, make_loss, make_steps, normalize)
 
 
 def test_sparse_and_categorical_losses_agree():
@@ -88,6 +88,16 @@ def test_dropout_key_depends_on_step():
     assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(b.params)[0])
 
 
+def test_dropout_rng_is_philox_and_reproducible():
+    a, b = dropout_rng(jax.random.key(7)), dropout_rng(jax.random.key(7))
+    assert str(jax.random.key_impl(a)) == "philox4x32"
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    masks = [jax.random.bernoulli(jax.random.fold_in(a, step), 0.75, (10_000,))
+             for step in (0, 1)]
+    assert not np.array_equal(masks[0], masks[1])
+    assert abs(float(masks[0].mean()) - 0.75) < 0.02
+
+
 def test_eval_step_masks_padding():
     _, state, steps = _setup()
     batch = _batch(8)
@@ -130,3 +140,33 @@ def test_bfloat16_compute_keeps_float32_state():
     logits = bf16.predict(s16, batch["image"])
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, f32.predict(s16, batch["image"]), atol=0.1)
+
+
+def test_ema_decay_schedule():
+    steps = jnp.array([0, 1, 90, 10_000])
+    np.testing.assert_allclose(ema_decay_at(steps, 0.998), [0.1, 2 / 11, 0.91, 0.998],
+                               rtol=1e-6)
+
+
+def test_ema_moves_and_is_what_evaluation_uses():
+    model = create_model("cnn", features=(8,), dense=16, rngs=nnx.Rngs(0))
+    tx = optax.adam(1e-2)
+    graphdef, state = create_train_state(model, tx, jax.random.key(1), ema=True)
+    steps = make_steps(graphdef, tx, make_loss(), ema_decay=0.99)
+    init = jax.tree.map(np.asarray, state.params)
+    state, _ = steps.train_step(state, _batch())
+    # Step 0 averages with weight min(0.99, 1/10): ema = 0.1 * init + 0.9 * new.
+    for avg, old, new in zip(jax.tree.leaves(state.ema["params"]), jax.tree.leaves(init),
+                             jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(avg, 0.1 * old + 0.9 * np.asarray(new), rtol=1e-5,
+                                   atol=1e-7)
+    for _ in range(5):
+        state, _ = steps.train_step(state, _batch())
+    batch = {**_batch(), "mask": jnp.ones(32)}
+    with_ema = steps.eval_step(state, batch)
+    swapped = state.replace(params=state.ema["params"], model_state=state.ema["model_state"],
+                            ema=None)
+    np.testing.assert_allclose(with_ema["loss"], steps.eval_step(swapped, batch)["loss"],
+                               rtol=1e-6)
+    live = steps.eval_step(state.replace(ema=None), batch)
+    assert float(live["loss"]) != float(with_ema["loss"])

@@ -120,3 +120,28 @@ def test_tfds_stream_without_tensorflow():
     assert result.summary["steps"] == (96 - 16) // 16
     assert result.summary["test_count"] == 96  # every test example, the last batch masked
     assert result.summary["data_source"] == "tfds"
+
+
+def test_tensorboard_events_hold_every_epoch(tmp_path):
+    """--tensorboard: event files (tensorboardX, no TensorFlow) with the metrics.jsonl
+    values, read back record by record."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    config = Config(model="mlp", epochs=2, batch_size=64, tensorboard=True, **QUICK)
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    data, scalars, at = events.read_bytes(), {}, 0
+    while at < len(data):  # TFRecord: length, crc, payload, crc
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            scalars[(value.tag, event.step)] = value.simple_value
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    for r in records:
+        assert scalars[("loss/train", r["epoch"])] == pytest.approx(r["train_loss"], rel=1e-6)
+        assert scalars[("accuracy/val", r["epoch"])] == pytest.approx(r["val_accuracy"],
+                                                                      rel=1e-6)
+        assert ("run/learning_rate", r["epoch"]) in scalars

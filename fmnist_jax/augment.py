@@ -1,0 +1,80 @@
+"""Data augmentation on the device, inside the jitted train step: random crop, horizontal
+flip and random erasing, each drawn per image from the step's key.
+
+Images come in as float pixels ``(N, 28, 28, 1)`` (0 to 255, before standardisation), so
+padding and erasing use black (0), the background of Fashion-MNIST. All three are plain ``jax``
+ops (gathers and selects), so they cost a few percent of a CNN step on CPU and nothing
+measurable on an accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """What to apply: ``crop`` pixels of zero padding then a random 28x28 crop (0: none),
+    a horizontal ``flip`` with probability 1/2, and random ``erasing`` with that
+    probability: a rectangle of 2% to 25% of the image with aspect ratio 0.3 to 3.3
+    (the values of Zhong et al., 2017), set to black."""
+
+    crop: int = 0
+    flip: bool = False
+    erasing: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.crop or self.flip or self.erasing)
+
+    def __call__(self, images: jax.Array, key: jax.Array) -> jax.Array:
+        crop_key, flip_key, erase_key = jax.random.split(key, 3)
+        if self.crop:
+            images = random_crop(images, crop_key, self.crop)
+        if self.flip:
+            images = random_flip(images, flip_key)
+        if self.erasing:
+            images = random_erasing(images, erase_key, self.erasing)
+        return images
+
+
+def random_crop(images: jax.Array, key: jax.Array, pad: int) -> jax.Array:
+    """Zero-pads by ``pad`` and cuts a random window of the original size from each image."""
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+
+    def cut(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
+                                     (h, w, image.shape[-1]))
+
+    return jax.vmap(cut)(padded, offsets)
+
+
+def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Mirrors each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def random_erasing(images: jax.Array, key: jax.Array, probability: float,
+                   area=(0.02, 0.25), aspect=(0.3, 3.3)) -> jax.Array:
+    """Blacks out one random rectangle in each image with ``probability``."""
+    n, h, w, _ = images.shape
+    k_apply, k_area, k_aspect, k_y, k_x = jax.random.split(key, 5)
+    target = jax.random.uniform(k_area, (n,), minval=area[0], maxval=area[1]) * h * w
+    log_ratio = jax.random.uniform(k_aspect, (n,), minval=jnp.log(aspect[0]),
+                                   maxval=jnp.log(aspect[1]))
+    ratio = jnp.exp(log_ratio)
+    eh = jnp.clip(jnp.round(jnp.sqrt(target * ratio)), 1, h).astype(jnp.int32)
+    ew = jnp.clip(jnp.round(jnp.sqrt(target / ratio)), 1, w).astype(jnp.int32)
+    y0 = jnp.floor(jax.random.uniform(k_y, (n,)) * (h - eh + 1)).astype(jnp.int32)
+    x0 = jnp.floor(jax.random.uniform(k_x, (n,)) * (w - ew + 1)).astype(jnp.int32)
+    rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
+    in_rows = (rows >= y0[:, None]) & (rows < (y0 + eh)[:, None])  # (n, h)
+    in_cols = (cols >= x0[:, None]) & (cols < (x0 + ew)[:, None])  # (n, w)
+    apply = jax.random.bernoulli(k_apply, probability, (n,))
+    erase = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
+    return jnp.where(erase[..., None], 0.0, images)
