@@ -103,6 +103,22 @@ def test_max_pool_matches_nnx(shape):
         jax.grad(lambda x: jnp.sum(nnx.max_pool(x, (2, 2), (2, 2), "VALID") ** 2))(x))
 
 
+def test_max_pool_after_relu_has_autodiffs_gradient():
+    """With many all-zero windows (ReLU of mostly negative inputs), relu -> pool has
+    exactly the gradient of autodiff through the plain reshape-max."""
+    x = jax.random.normal(jax.random.key(1), (3, 8, 10, 4)) - 1.0
+    w = jax.random.normal(jax.random.key(2), (3, 4, 5, 4))
+
+    def plain(x):
+        n, h, wd, c = x.shape
+        return x.reshape(n, h // 2, 2, wd // 2, 2, c).max(axis=(2, 4))
+
+    ours = jax.grad(lambda x: jnp.sum(max_pool_2x2(jax.nn.relu(x)) * w))(x)
+    ref = jax.grad(lambda x: jnp.sum(plain(jax.nn.relu(x)) * w))(x)
+    assert float((plain(jax.nn.relu(x)) == 0).mean()) > 0.3  # ties are really there
+    np.testing.assert_array_equal(ours, ref)
+
+
 def test_dropout_only_in_training():
     model = create_model("mlp", rngs=nnx.Rngs(0))
     x = jnp.ones((4, 28, 28, 1))
