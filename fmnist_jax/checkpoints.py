@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmnist_jax.errors import UserError
-from fmnist_jax.steps import TrainState, dropout_rng
+from fmnist_jax.steps import TrainState
 
 # Config fields that may differ between a run and its resumption: they do not change what
 # is computed.
@@ -332,7 +332,7 @@ def load_state(workdir: str | os.PathLike, checkpoint: str | int = "best", *, mo
                                    momentum=config.momentum, nesterov=config.nesterov,
                                    weight_decay=config.weight_decay,
                                    clip_grad_norm=config.clip_grad_norm)
-    graphdef, template = create_train_state(model, optimizer, dropout_rng(jax.random.key(0)),
+    graphdef, template = create_train_state(model, optimizer, jax.random.key(0),
                                             ema=config.ema_decay > 0)
     state, _ = ckpt.restore(step, template)
     ckpt.manager.close()

@@ -42,7 +42,7 @@ from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
 from fmnist_jax.parallel import Devices
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
-from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, dropout_rng,
+from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state,
                               make_loss, make_steps)
 
 
@@ -182,7 +182,7 @@ def _initial_state(config: Config, optimizer, init_key, dropout_key,
     def build(init_key, dropout_key):
         model = create_model(config.model, rngs=nnx.Rngs(params=init_key),
                              **config.model_kwargs())
-        graphdef, state = create_train_state(model, optimizer, dropout_rng(dropout_key),
+        graphdef, state = create_train_state(model, optimizer, dropout_key,
                                              ema=config.ema_decay > 0)
         graphdefs.append(graphdef)  # static: recorded while tracing
         return state
@@ -276,7 +276,7 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             graphdef, state = _initial_state(config, optimizer, init_key, dropout_key,
                                              devices)
         else:
-            graphdef, state = create_train_state(model, optimizer, dropout_rng(dropout_key),
+            graphdef, state = create_train_state(model, optimizer, dropout_key,
                                                  ema=config.ema_decay > 0)
             state = devices.replicate(state)
         num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmnist_jax.augment import Augment, random_crop, random_erasing, random_flip

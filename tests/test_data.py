@@ -140,7 +140,7 @@ def places(tmp_path, monkeypatch):
             "explicit": tmp_path / "explicit"}
 
 
-def test_discovery_order(places):
+def test_discovery_order(places, monkeypatch):
     for name in ("keras", "debian", "cache", "explicit"):
         files = write_idx_set(places[name])
         assert data.find_files(None, files)["train_images"].parent == (
@@ -149,7 +149,7 @@ def test_discovery_order(places):
     files = write_idx_set(places["explicit"])
     assert data.find_files(str(places["explicit"]), files)["test_labels"].parent == \
         places["explicit"]
-    os.environ["FMNIST_DATA_DIR"] = str(places["explicit"])
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(places["explicit"]))
     assert data.find_files(None, files)["test_labels"].parent == places["explicit"]
 
 

@@ -165,7 +165,7 @@ def test_sigint_while_downloading_leaves_no_partial_file(real_data_dir, tmp_path
 # ------------------------------------------------------------------ flags
 
 @pytest.mark.parametrize("args, message", [
-    (["--model=resnet"], "argument --model: invalid choice: 'resnet'"),
+    (["--model=vgg"], "argument --model: invalid choice: 'vgg'"),
     (["--optimizer=lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
     (["--schedule=linear"], "argument --schedule: invalid choice: 'linear'"),
     (["--loss=hinge"], "argument --loss: invalid choice: 'hinge'"),

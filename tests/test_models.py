@@ -129,5 +129,5 @@ def test_dropout_only_in_training():
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
-        create_model("resnet", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        create_model("vgg", rngs=nnx.Rngs(0))

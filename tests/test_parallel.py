@@ -36,9 +36,12 @@ def test_really_eight_devices(reports):
 
 def test_steps_and_evaluation_match_one_device(reports):
     a, b = (np.array(reports[n]["params_after_10_steps"]) for n in (1, 8))
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # float rounding only
+    # Float rounding only: each kernel gradient sums N*H*W products, as 8 partial sums and an
+    # all-reduce here against one matmul (5e-5 apart on a gradient of ~10, then 10 SGD
+    # steps through batch norm). A missing or doubled all-reduce is off by 1e-2 or more.
+    np.testing.assert_allclose(a, b, rtol=0, atol=5e-4)
     assert reports[1]["eval"]["count"] == reports[8]["eval"]["count"] == 5000
-    assert reports[8]["eval"]["loss"] == pytest.approx(reports[1]["eval"]["loss"], rel=1e-5)
+    assert reports[8]["eval"]["loss"] == pytest.approx(reports[1]["eval"]["loss"], rel=1e-3)
     assert reports[8]["eval"]["accuracy"] == reports[1]["eval"]["accuracy"]
 
 

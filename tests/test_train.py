@@ -31,7 +31,8 @@ def test_real_data_smoke(real_data_dir, tmp_path):
 
 
 def test_writes_config_metrics_and_summary(tmp_path):
-    config = Config(model="mlp", epochs=3, batch_size=64, learning_rate=1e-3, **QUICK)
+    config = Config(model="mlp", epochs=3, batch_size=64, learning_rate=1e-3,
+                    warmup_epochs=1.0, **QUICK)
     fit(config, data=tiny_dataset(), workdir=str(tmp_path))
     assert Config.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
     records = read_jsonl(tmp_path / "metrics.jsonl")
