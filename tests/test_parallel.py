@@ -42,7 +42,7 @@ def test_steps_and_evaluation_match_one_device(reports):
     np.testing.assert_allclose(a, b, rtol=0, atol=5e-4)
     assert reports[1]["eval"]["count"] == reports[8]["eval"]["count"] == 5000
     assert reports[8]["eval"]["loss"] == pytest.approx(reports[1]["eval"]["loss"], rel=1e-3)
-    assert reports[8]["eval"]["accuracy"] == reports[1]["eval"]["accuracy"]
+    assert abs(reports[8]["eval"]["accuracy"] - reports[1]["eval"]["accuracy"]) <= 0.001  # 5 images
 
 
 def test_one_epoch_matches_one_device(reports):
