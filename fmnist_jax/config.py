@@ -36,9 +36,11 @@ class Config:
     model: str = _f("cnn", "model to train", tuple(MODELS))
     hidden: tuple[int, ...] = _f((300, 100), "mlp: hidden layer widths, comma-separated")
     features: tuple[int, ...] = _f((32, 64, 128),
-                                   "cnn: channels of each conv block; resnet: of each stage (comma-separated)")
+                                   "cnn: channels of each conv block; resnet: of each "
+                                   "stage (comma-separated)")
     dense: int = _f(256, "cnn: width of the dense layer")
-    dropout: float = _f(-1.0, "dropout rate; -1 keeps the model's default (mlp 0.2, cnn 0.3, resnet 0)")
+    dropout: float = _f(-1.0, "dropout rate; -1 keeps the model's default (mlp 0.2, cnn 0.3, "
+                        "resnet 0)")
     batch_norm: bool = _f(True, "cnn: batch normalisation after each convolution")
     blocks: int = _f(2, "resnet: residual blocks per stage (--features gives the stages' "
                      "widths)")

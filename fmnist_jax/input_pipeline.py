@@ -78,7 +78,6 @@ class DeviceResident:
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
         self.steps_per_dispatch = steps_per_dispatch
-        self.rng = rng
         self.train = devices.replicate((train.images, train.labels))
         eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.evals = {name: devices.put(pad_to_batches(split, eval_batch_size),

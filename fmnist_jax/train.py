@@ -160,7 +160,8 @@ def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array,
     if data is None:
         data = load_dataset(config.data_dir or None, config.validation_size)
     return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
-                          devices=devices, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                          devices=devices, batch_size=config.batch_size,
+                          eval_batch_size=config.eval_batch_size,
                           steps_per_dispatch=config.steps_per_dispatch, rng=data_key)
 
 

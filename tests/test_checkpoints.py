@@ -34,7 +34,7 @@ def _assert_states_equal(a, b):
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            assert jax.random.key_impl(x) == jax.random.key_impl(y)  # Philox stays Philox
+            assert jax.random.key_impl(x) == jax.random.key_impl(y)  # the same PRNG implementation
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
