@@ -78,7 +78,8 @@ class Config:
                            "data dir); empty: $FMNIST_DATA_DIR, the cache, known copies, "
                            "else download")
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
-    eval_batch_size: int = _f(1000, "images per evaluation step")
+    eval_batch_size: int = _f(100, "images per evaluation step (on a CPU, 100 evaluates "
+                              "twice as fast as 1000: the working set stays in cache)")
     steps_per_dispatch: int = _f(100, "training steps run on the device per host call")
     # Devices.
     dtype: str = _f("float32", "compute dtype; bfloat16 for TPU/GPU (parameters and "

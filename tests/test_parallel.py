@@ -123,3 +123,21 @@ def test_xla_cpu_vector_width(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     parallel.tune_xla_cpu()
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_threefry_unrolled_on_cpu_gives_the_same_bits():
+    """With fmnist_jax imported, Threefry compiles without a loop on CPU; the bits must be
+    JAX's own, as a process without fmnist_jax computes them."""
+    import jax
+
+    import fmnist_jax  # noqa: F401
+
+    key = jax.random.key(7)
+    bits = jax.jit(lambda k: jax.random.bits(k, (3, 1000)))
+    assert "while" not in bits.lower(key).as_text()
+    plain = subprocess.run(
+        [sys.executable, "-c", "import jax, numpy as np; b = jax.random.bits("
+         "jax.random.key(7), (3, 1000)); print(np.asarray(b).astype(np.uint64).sum(), "
+         "int(b[2, 999]))"], capture_output=True, text=True, check=True).stdout.split()
+    ours = np.asarray(bits(key))
+    assert [str(ours.astype(np.uint64).sum()), str(int(ours[2, 999]))] == plain
