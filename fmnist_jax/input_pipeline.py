@@ -155,17 +155,26 @@ class TfdsStream:
         done = object()
         stop = threading.Event()
 
+        def put(item) -> bool:  # False once the consumer has gone (early stop, error)
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce():
             try:
                 for batch in batches:
-                    if stop.is_set():
+                    if not put(self.devices.shard_batch(batch)):
                         return
-                    slots.put(self.devices.shard_batch(batch))
-                slots.put(done)
+                put(done)
             except BaseException as e:  # re-raised in the consumer
-                slots.put(e)
+                put(e)
 
-        threading.Thread(target=produce, daemon=True).start()
+        producer = threading.Thread(target=produce, daemon=True)
+        producer.start()
         try:
             while (item := slots.get()) is not done:
                 if isinstance(item, BaseException):
@@ -173,6 +182,7 @@ class TfdsStream:
                 yield item
         finally:
             stop.set()
+            producer.join()
 
     def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
                     ) -> Iterator[tuple[TrainState, dict, int]]:

@@ -123,6 +123,30 @@ def test_tfds_stream_without_tensorflow():
     assert result.summary["data_source"] == "tfds"
 
 
+
+def test_stream_producer_ends_when_the_consumer_stops():
+    """Early stopping or an error leaves an epoch's tfds stream half read: its prefetch
+    thread must end, not wait forever on a full queue holding two batches."""
+    import threading
+    import types
+
+    from fmnist_jax.input_pipeline import TfdsStream
+
+    fake = types.SimpleNamespace(devices=types.SimpleNamespace(shard_batch=lambda b: b))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    before = threading.active_count()
+    stream = TfdsStream._stream(fake, endless())
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # what the consumer's loop does when it stops early
+    assert threading.active_count() == before
+    assert len(produced) <= 5  # two handed out, two queued, one in hand
+
 def test_tensorboard_events_hold_every_epoch(tmp_path):
     """--tensorboard: event files (tensorboardX, no TensorFlow) with the metrics.jsonl
     values, read back record by record."""
