@@ -179,8 +179,8 @@ class Config:
 
 # Named setups. Each states what it is expected to reach on the real data.
 PRESETS: dict[str, dict] = {
-    # The default: our CNN, evaluated with weight averaging. Expected ~93% test accuracy,
-    # 91% after 3 epochs (about a minute on 2 CPU cores); see README for measured figures.
+    # The default: our CNN, evaluated with weight averaging. Measured: 93.03% test (93.62%
+    # val) after 15 epochs, 91.3% after 3 (53 s from launch on 2 CPU cores; README).
     "cnn": {},
     # Our MLP setup: the seed architecture with Adam and a cosine schedule. ~89% test.
     "mlp": dict(model="mlp", learning_rate=1e-3, epochs=20),
