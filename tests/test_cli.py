@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from fmnist_jax.cli import build_parser, parse_config
 from fmnist_jax.config import PRESETS, Config, preset
@@ -34,7 +35,19 @@ def test_parsing_types_and_presets():
     c = parse_config(["--preset=cnn_seed", "--epochs=3"])
     assert c == preset("cnn_seed", epochs=3)
     assert (c.optimizer, c.learning_rate, c.loss) == ("adadelta", 1.0, "categorical")
-    assert set(PRESETS) >= {"cnn", "mlp", "mlp_seed", "cnn_seed"}
+    assert set(PRESETS) >= {"cnn", "mlp", "mlp_seed", "cnn_seed", "cnn_wide", "resnet"}
+
+
+@pytest.mark.parametrize("name, params", [("cnn", 390_858), ("cnn_wide", 876_586),
+                                          ("cnn_seed", 1_199_882), ("mlp_seed", 266_610),
+                                          ("resnet", 2_777_610)])
+def test_presets_are_valid_and_build_their_models(name, params):
+    from flax import nnx
+
+    from fmnist_jax.models import count_params, create_model
+
+    c = preset(name).validate()
+    assert count_params(create_model(c.model, rngs=nnx.Rngs(0), **c.model_kwargs())) == params
 
 
 def test_cli_trains_and_writes_its_files(real_data_dir, tmp_path):
