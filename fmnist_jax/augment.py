@@ -30,13 +30,16 @@ class Augment:
         return bool(self.crop or self.flip or self.erasing)
 
     def __call__(self, images: jax.Array, key: jax.Array) -> jax.Array:
+        # Erasing comes before the flip: the same distribution of images (the rectangle's
+        # position is symmetric), but XLA:CPU took over 5 minutes to compile a training
+        # step that flips and then erases, against 15 s this way round.
         crop_key, flip_key, erase_key = jax.random.split(key, 3)
         if self.crop:
             images = random_crop(images, crop_key, self.crop)
-        if self.flip:
-            images = random_flip(images, flip_key)
         if self.erasing:
             images = random_erasing(images, erase_key, self.erasing)
+        if self.flip:
+            images = random_flip(images, flip_key)
         return images
 
 

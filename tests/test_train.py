@@ -12,7 +12,7 @@ from conftest import tiny_dataset
 from flax import nnx
 
 import fmnist_jax
-from fmnist_jax import Config, fit
+from fmnist_jax import Config, fit, preset
 from fmnist_jax.errors import UserError
 from fmnist_jax.metrics import read_jsonl
 
@@ -63,6 +63,16 @@ def test_same_seed_same_metrics():
         np.testing.assert_array_equal(x, y)
     c = fit(config.replace(seed=1), data=tiny_dataset())
     assert c.summary["test_loss"] != a.summary["test_loss"]
+
+
+def test_resnet_preset_trains_with_every_augmentation():
+    """The resnet preset's step (crop, flip, erasing, label smoothing, EMA) on a small
+    ResNet. Flipping before erasing once made XLA:CPU compile this step for over 5 minutes;
+    the suite would hang here."""
+    config = preset("resnet", features=(8, 16), blocks=1, epochs=1, batch_size=32, **QUICK)
+    result = fit(config, data=tiny_dataset())
+    assert result.summary["steps"] == len(tiny_dataset().train.labels) // 32
+    assert np.isfinite(result.summary["test_loss"])
 
 
 def test_early_stopping_restores_the_best_epoch():
