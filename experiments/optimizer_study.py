@@ -34,8 +34,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--out", default="runs/optimizer_study")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the chart from --out's results.json")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.replot:
+        _bar_chart(json.loads((out / "results.json").read_text())["rows"],
+                   out / "optimizers.png")
+        return
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset()
     rows = []
@@ -77,8 +83,11 @@ def _bar_chart(rows: list[dict], path: Path) -> None:
            label="validation")
     ax.bar([i + 0.2 for i in x], [100 * r["test_accuracy"] for r in rows], 0.4, label="test")
     ax.set_xticks(list(x), labels, fontsize=8)
-    low = min(100 * min(r["val_accuracy"], r["test_accuracy"]) for r in rows)
-    ax.set_ylim(max(low - 2, 0), 100)
+    values = [100 * r[k] for r in rows for k in ("val_accuracy", "test_accuracy")]
+    ax.set_ylim(max(min(values) - 1, 0), min(max(values) + 0.5, 100))
+    for i, r in enumerate(rows):
+        for dx, k in ((-0.2, "val_accuracy"), (0.2, "test_accuracy")):
+            ax.text(i + dx, 100 * r[k] + 0.05, f"{100 * r[k]:.2f}", ha="center", fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
