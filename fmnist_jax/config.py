@@ -193,25 +193,20 @@ PRESETS: dict[str, dict] = {
     "cnn_seed": dict(model="cnn_seed", optimizer="adadelta", learning_rate=1.0,
                      schedule="constant", loss="categorical", batch_size=128, epochs=12,
                      ema_decay=0.0),
-}
-
-
-PRESETS["cnn_wide"] = dict(
     # Experiment 4, our best CNN without augmentation, chosen on validation among the
     # default (93.62% val), 30 epochs with label smoothing (93.06%) and this one: the CNN at
     # 1.5x width (876,586 parameters), label smoothing 0.1, 20 epochs. Measured: 93.92%
     # val, 93.63% test; about 30 s per epoch on 2 CPU cores (27 s of it training).
-    features=(48, 96, 192), dense=384, label_smoothing=0.1, epochs=20)
-
-
-PRESETS["resnet"] = dict(
+    "cnn_wide": dict(features=(48, 96, 192), dense=384, label_smoothing=0.1, epochs=20),
     # The stronger preset (experiment 5): a wide pre-activation ResNet, 2 blocks per stage
     # at 64, 128, 256 channels (2.8 M parameters), random crop (2 px), flip and erasing,
     # SGD with Nesterov momentum, cosine decay, weight decay, label smoothing and weight
     # averaging, 60 epochs. Made for a GPU or TPU (see experiments/README.md for figures).
-    model="resnet", features=(64, 128, 256), blocks=2, optimizer="sgd", nesterov=True,
-    learning_rate=0.1, schedule="warmup_cosine", weight_decay=5e-4, label_smoothing=0.1,
-    random_crop=2, random_flip=True, random_erasing=0.5, ema_decay=0.999, epochs=60)
+    "resnet": dict(model="resnet", features=(64, 128, 256), blocks=2, optimizer="sgd",
+                   nesterov=True, learning_rate=0.1, schedule="warmup_cosine",
+                   weight_decay=5e-4, label_smoothing=0.1, random_crop=2, random_flip=True,
+                   random_erasing=0.5, ema_decay=0.999, epochs=60),
+}
 
 
 def preset(name: str, **overrides) -> Config:

@@ -133,7 +133,6 @@ def test_tfds_stream_without_tensorflow():
     assert result.summary["data_source"] == "tfds"
 
 
-
 def test_stream_producer_ends_when_the_consumer_stops():
     """Early stopping or an error leaves an epoch's tfds stream half read: its prefetch
     thread must end, not wait forever on a full queue holding two batches."""
