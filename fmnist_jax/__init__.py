@@ -30,14 +30,14 @@ def __getattr__(name):
         from fmnist_jax import train
 
         return getattr(train, name)
-    if name == "load_model":
-        from fmnist_jax.predict import load_model
+    if name in ("Classifier", "load_model"):
+        from fmnist_jax import inference
 
-        return load_model
+        return getattr(inference, name)
     raise AttributeError(f"module 'fmnist_jax' has no attribute {name!r}")
 
 __all__ = [
-    "CLASS_NAMES", "CNN", "CNNSeed", "Config", "Conv", "Dataset", "MLP", "PRESETS", "Result",
+    "CLASS_NAMES", "CNN", "CNNSeed", "Classifier", "Config", "Conv", "Dataset", "MLP", "PRESETS", "Result",
     "Split", "TrainState", "UserError", "count_params", "create_model", "create_train_state",
     "cross_entropy", "eval_step", "fit", "load_dataset", "make_optimizer", "make_schedule",
     "make_steps", "max_pool_2x2", "preset", "train_and_evaluate", "train_step", "load_model",

@@ -15,20 +15,21 @@ kept, plus the best one by the monitored validation metric.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import fcntl
-import functools
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from fmnist_jax import parallel
 from fmnist_jax.errors import UserError
 from fmnist_jax.steps import TrainState
 
@@ -37,19 +38,26 @@ from fmnist_jax.steps import TrainState
 RESUMABLE_CHANGES = frozenset({
     "workdir", "data_dir", "progress", "plots", "tensorboard", "fresh", "debug_nans",
     "compilation_cache", "checkpoint_every_steps", "keep_checkpoints", "distributed",
-    "test_every_epoch"})
+    "test_every_epoch", "steps_per_dispatch", "eval_batch_size"})
 # Config fields that decide the shapes of the parameters.
 ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm", "blocks")
 
 
-def to_saveable(state: TrainState) -> TrainState:
-    return state.replace(rng=jax.random.key_data(state.rng))
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
-def from_saveable(state: TrainState, template: TrainState) -> TrainState:
-    """Key data back to a key of the template's PRNG implementation."""
-    return state.replace(rng=jax.random.wrap_key_data(
-        state.rng, impl=jax.random.key_impl(template.rng)))
+def to_saveable(tree):
+    """Typed PRNG keys (the dropout and augmentation keys, ``nnx.Rngs`` streams) as their
+    raw key data, which Orbax can write."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_saveable(tree, template):
+    """Key data back to keys of the template's PRNG implementation, leaf by leaf."""
+    return jax.tree.map(
+        lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+        if _is_key(t) else x, tree, template)
 
 
 class _QuietOrbax(logging.Filter):
@@ -126,19 +134,22 @@ class Checkpoints:
     def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
         """Saves in the background; the state may be donated right after this returns."""
         step = int(state.step)
+        # Orbax serialises ``meta`` later, on its own thread, while training goes on and
+        # appends to the history: it gets a copy taken now.
+        snapshot = copy.deepcopy(meta)
         try:
             if step in self.manager.all_steps():  # the same step holds the same state
                 return
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(to_saveable(state)),
-                meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
-        except Exception as e:  # noqa: BLE001 - disk full, permissions, ...
+                meta=ocp.args.JsonSave(snapshot)), metrics=metrics, force=True)
+        except (OSError, ValueError) as e:  # disk full, permissions; TensorStore's errors
             raise self._save_error(e) from None
 
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - errors of a background save surface here
+        except (OSError, ValueError) as e:  # errors of a background save surface here
             raise self._save_error(e) from None
 
     def close(self) -> None:
@@ -165,12 +176,24 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-        """Restores ``step`` into the structure of ``template`` (shapes must match)."""
+    def read_arrays(self, step: int) -> dict:
+        """The state of ``step`` as saved (nested dicts of arrays), without a template."""
+        with warnings.catch_warnings():  # "sharding info not provided": none is wanted
+            warnings.simplefilter("ignore", UserWarning)
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore())).state
+
+    def restore(self, step: int, template, *, partial: bool = False) -> tuple[object, dict]:
+        """Restores ``step`` into the structure of ``template`` (shapes must match): the
+        whole :class:`TrainState`, or with ``partial`` any part of it given as a dict of
+        its fields (e.g. ``{"ema": ...}`` for inference, without the optimizer state)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_saveable(template))
+        item = (ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True) if partial else ocp.args.StandardRestore(abstract))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=item, meta=ocp.args.JsonRestore()))
         except ValueError as e:
             if "do not match" in str(e) or "shape" in str(e).lower():
                 raise UserError(
@@ -184,34 +207,83 @@ class Checkpoints:
                        ) -> tuple[TrainState, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
-        A checkpoint that cannot be read is moved to ``checkpoints.corrupt/`` with a
-        warning, and the previous one is tried. A checkpoint of another configuration is
+        Only a checkpoint whose files are missing or cannot be decoded (:func:`is_corrupt`)
+        is moved to ``checkpoints.corrupt/``, with a warning, and the previous one tried.
+        Any other failure (an I/O error, memory, an interrupt) stops with a UserError and
+        leaves every checkpoint where it is. A checkpoint of another configuration is
         refused with a message naming the differences.
         """
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
+            where = self.directory / str(step)
             try:
                 meta = self.read_meta(step)
-                check_compatible(meta["config"], config, self.directory / str(step))
+                check_compatible(meta["config"], config, where)
                 return self.restore(step, template)
             except UserError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any unreadable file means corrupt
-                first_line = (str(e).splitlines() or [""])[0][:200]
+            except Exception as e:  # noqa: BLE001 - sorted into corruption and trouble
+                if not is_corrupt(e):
+                    raise UserError(
+                        f"could not read checkpoint {where} ({_first_line(e)}); it is not "
+                        "damaged as far as can be told, so every checkpoint was left in "
+                        "place. Fix the cause (disk, network file system, memory) and run "
+                        "the same command again to resume") from None
                 target = self.set_aside(step, "corrupt")
-                _warn(f"checkpoint {self.directory / str(step)} is unreadable "
-                      f"({type(e).__name__}: {first_line}); moved it to {target} and trying "
-                      "the previous one")
+                _warn(f"checkpoint {where} is unreadable ({_first_line(e)}); moved it to "
+                      f"{target} and trying the previous one")
+        if steps:
+            _warn(f"no checkpoint in {self.directory} could be read (all were moved to "
+                  f"{self.directory.parent / 'checkpoints.corrupt'}): training starts again "
+                  "from step 0")
         return None
 
     def set_aside(self, step: int, why: str) -> Path:
-        """Moves checkpoint ``step`` to ``checkpoints.<why>/`` (nothing is deleted)."""
+        """Moves checkpoint ``step`` to ``checkpoints.<why>/`` (nothing is deleted). On
+        several hosts process 0 moves it and the others wait."""
         self.wait()
         source = self.directory / str(step)
-        target = self.directory.parent / f"checkpoints.{why}" / f"{step}-{int(time.time())}"
-        target.parent.mkdir(exist_ok=True)
-        shutil.move(str(source), str(target))
+        folder = self.directory.parent / f"checkpoints.{why}"
+        target = folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if parallel.is_main_process():
+            folder.mkdir(exist_ok=True)
+            target = _unused(target)
+            shutil.move(str(source), str(target))
+        parallel.sync(f"set_aside_{step}")
         self.manager.reload()
         return target
+
+
+# Errors by which a checkpoint shows that its own files are missing or cannot be decoded:
+# JSON that does not parse, an item or file that is not there, and TensorStore's verdicts on
+# the array files (seen with orbax 0.12.8 on truncated, overwritten and deleted files).
+_CORRUPT_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def is_corrupt(error: BaseException) -> bool:
+    """True when a restore error proves the checkpoint damaged, False for trouble around
+    it (I/O errors, lack of memory, interrupts, anything unrecognised)."""
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError)):
+        return True
+    if isinstance(error, KeyError):
+        return "was not found in the checkpoint" in str(error)
+    if type(error) is ValueError:
+        return str(error).startswith(_CORRUPT_STATUSES)
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... whichever does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def check_compatible(saved: dict, current: dict, where: Path) -> None:
@@ -246,94 +318,8 @@ def move_aside(workdir: Path) -> Path | None:
                if p.name != ".lock" and not p.name.startswith("previous-")]
     if not present:
         return None
-    target = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = _unused(workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     target.mkdir()
     for path in present:
         shutil.move(str(path), str(target / path.name))
     return target
-
-
-# ---------------------------------------------------------------------- loading a model
-
-@dataclasses.dataclass
-class Loaded:
-    """A trained state restored from a workdir, ready for inference."""
-
-    graphdef: object
-    state: TrainState
-    config: object  # fmnist_jax.Config
-    step: int
-
-    @property
-    def model(self):
-        """The trained ``nnx.Module`` (in inference use: call with ``train=False``)."""
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
-
-    @functools.cached_property
-    def _predict(self):
-        from fmnist_jax.steps import predict_logits
-
-        return jax.jit(functools.partial(predict_logits, graphdef=self.graphdef))
-
-    def predict_logits(self, images) -> jax.Array:
-        """Logits for uint8 images ``(N, 28, 28[, 1])``."""
-        images = jax.numpy.asarray(images, jax.numpy.uint8)
-        if images.ndim == 3:
-            images = images[..., None]
-        return self._predict(self.state, images)
-
-
-def load_state(workdir: str | os.PathLike, checkpoint: str | int = "best", *, model=None,
-               optimizer=None) -> Loaded:
-    """Restores a checkpoint of ``workdir``: ``best`` (by the run's monitored validation
-    metric), ``latest``, or a step number.
-
-    The model and optimizer are rebuilt from the checkpoint's config; a run trained with
-    your own module or optax transformation needs them passed again (untrained is fine:
-    only their structure is used).
-    """
-    import optax
-    from flax import nnx
-
-    from fmnist_jax.config import Config
-    from fmnist_jax.models import create_model
-    from fmnist_jax.optim import make_optimizer
-    from fmnist_jax.steps import create_train_state
-
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"--workdir={workdir} does not exist")
-    monitor = "val_accuracy"
-    if (workdir / "config.json").is_file():
-        monitor = json.loads((workdir / "config.json").read_text()).get("monitor", monitor)
-    ckpt = Checkpoints(workdir, monitor=monitor, read_only=True)
-    steps = ckpt.steps()
-    if not steps:
-        raise UserError(f"{ckpt.directory} holds no checkpoint yet")
-    if checkpoint == "latest":
-        step = steps[-1]
-    elif checkpoint == "best":
-        step = ckpt.best_step() or steps[-1]
-    else:
-        try:
-            step = int(checkpoint)
-        except ValueError:
-            raise UserError(f"--checkpoint={checkpoint} must be best, latest or a step number")
-        if step not in steps:
-            raise UserError(f"--checkpoint={step} is not in {ckpt.directory}; it holds steps "
-                            f"{', '.join(map(str, steps))}")
-    config = Config.from_dict(ckpt.read_meta(step)["config"])
-    if model is None:
-        model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs())
-    if optimizer is None:
-        optimizer = make_optimizer(config.optimizer, optax.constant_schedule(1.0),
-                                   momentum=config.momentum, nesterov=config.nesterov,
-                                   weight_decay=config.weight_decay,
-                                   clip_grad_norm=config.clip_grad_norm)
-    graphdef, template = create_train_state(model, optimizer, jax.random.key(0),
-                                            ema=config.ema_decay > 0)
-    state, _ = ckpt.restore(step, template)
-    ckpt.manager.close()
-    return Loaded(graphdef, state, config, step)

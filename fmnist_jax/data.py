@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fmnist_jax.errors import UserError
+from fmnist_jax.files import atomic_open
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -197,9 +197,13 @@ def _unreadable_dir(directory: Path) -> bool:
     return directory.is_dir() and not os.access(directory, os.R_OK | os.X_OK)
 
 
-def find_files(data_dir: str | None = None, files: DatasetFiles = FASHION_MNIST,
+def find_files(data_dir: str | None = None, files: DatasetFiles | None = None,
                download: bool = True) -> dict[str, Path]:
-    """Finds (or downloads) the four files and returns their paths, keyed by field name."""
+    """Finds (or downloads) the four files and returns their paths, keyed by field name.
+
+    ``files`` describes the data set (default: :data:`FASHION_MNIST`, read when called).
+    """
+    files = files or FASHION_MNIST
     explicit = data_dir or os.environ.get("FMNIST_DATA_DIR")
     if explicit:
         directory = Path(explicit).expanduser()
@@ -249,12 +253,13 @@ def _mirrors() -> list[str]:
     return [u if u.endswith("/") else u + "/" for u in urls]
 
 
-def download_files(directory: Path, files: DatasetFiles = FASHION_MNIST) -> dict[str, Path]:
+def download_files(directory: Path, files: DatasetFiles | None = None) -> dict[str, Path]:
     """Downloads whatever of the four files ``directory`` lacks, verifying each one.
 
     Each file is written to a temporary name in the same directory, checked, then renamed
     into place: an interrupted or corrupt download leaves nothing under the final name.
     """
+    files = files or FASHION_MNIST
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -275,11 +280,9 @@ def _download_one(spec: IdxFile, target: Path, files: DatasetFiles) -> None:
     errors = []
     for mirror in _mirrors():
         url = mirror + spec.name + ".gz"
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".",
-                                        suffix=".part")
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+            with atomic_open(target, "wb") as out, \
+                    urllib.request.urlopen(url, timeout=30) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=target.name,
                           leave=False) as bar:
@@ -288,21 +291,20 @@ def _download_one(spec: IdxFile, target: Path, files: DatasetFiles) -> None:
                         bar.update(len(chunk))
                 if total is not None and out.tell() != total:
                     raise OSError(f"connection closed after {out.tell()} of {total} bytes")
-            read_idx(tmp, spec)  # verify before it gets its real name
-            os.replace(tmp, target)
+                out.flush()
+                read_idx(out.name, spec)  # verify before it gets its real name
             return
         except (OSError, http.client.HTTPException, UserError) as e:
             errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-        finally:
-            tmp.unlink(missing_ok=True)
     raise UserError(_offline_message(files, "; ".join(errors)))
 
 
 # --------------------------------------------------------------------------- loading
 
-def load_arrays(data_dir: str | None = None, files: DatasetFiles = FASHION_MNIST,
+def load_arrays(data_dir: str | None = None, files: DatasetFiles | None = None,
                 download: bool = True) -> tuple[Split, Split, Path]:
     """Returns the full (train, test) splits and the directory they were read from."""
+    files = files or FASHION_MNIST
     paths = find_files(data_dir, files, download)
     train = Split(read_idx(paths["train_images"], files.train_images),
                   read_idx(paths["train_labels"], files.train_labels))
@@ -324,7 +326,7 @@ def split_validation(train: Split, validation_size: int) -> tuple[Split, Split |
 
 
 def load_dataset(data_dir: str | None = None, validation_size: int = 5000,
-                 files: DatasetFiles = FASHION_MNIST, download: bool = True) -> Dataset:
+                 files: DatasetFiles | None = None, download: bool = True) -> Dataset:
     """Loads Fashion-MNIST from the IDX files into host memory, split three ways."""
     train, test, directory = load_arrays(data_dir, files, download)
     train, validation = split_validation(train, validation_size)

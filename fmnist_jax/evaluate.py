@@ -1,59 +1,65 @@
 """Evaluate a trained workdir on the test split.
 
-    python -m fmnist_jax.evaluate --workdir=runs/cnn [--checkpoint=best|latest|STEP]
+    python -m fmnist_jax.evaluate --workdir=runs/cnn [--step=N | --best]
 
-Prints test loss and accuracy, per-class accuracy and the confusion matrix as a table;
-writes ``eval.json`` and ``confusion_matrix.png`` into the workdir.
+Evaluates the run's model (:mod:`fmnist_jax.inference`: the weights its summary.json
+reports, so the test loss and accuracy are the summary's), or another checkpoint when asked.
+Prints which weights, test loss and accuracy, per-class accuracy and the confusion matrix
+as a table; writes ``eval.json`` and ``confusion_matrix.png`` into the workdir.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from fmnist_jax import metrics as metrics_lib
-from fmnist_jax.checkpoints import load_state
+from fmnist_jax import files
 from fmnist_jax.cli import build_parser, quiet_library_logs
-from fmnist_jax.data import CLASS_NAMES, load_dataset
+from fmnist_jax.config import Config
+from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.errors import UserError
+from fmnist_jax.inference import load_model
+from fmnist_jax.input_pipeline import load_test_split
+from fmnist_jax.metrics import classification
 from fmnist_jax.plots import confusion_matrix, plot_confusion_matrix
-from fmnist_jax.steps import cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Evaluate a trained workdir on the Fashion-MNIST test split."""
+    """Evaluate a trained workdir on the Fashion-MNIST test split: by default the run's
+    model, whose test loss and accuracy are those of its summary.json."""
 
     workdir: str = dataclasses.field(default="", metadata={
         "help": "the training run's workdir (required)"})
-    checkpoint: str = dataclasses.field(default="best", metadata={
-        "help": "best (by the run's --monitor), latest, or a step number"})
+    step: int = dataclasses.field(default=-1, metadata={
+        "help": "evaluate the checkpoint of this step instead of the run's model"})
+    best: bool = dataclasses.field(default=False, metadata={
+        "help": "evaluate the best checkpoint by the run's --monitor instead of the run's "
+                "model"})
     data_dir: str = dataclasses.field(default="", metadata={
         "help": "directory with the four .gz files; empty: as for training"})
-    batch_size: int = dataclasses.field(default=1000, metadata={
-        "help": "images per evaluation batch"})
 
 
-def evaluate(workdir: str, checkpoint: str = "best", data_dir: str | None = None,
-             batch_size: int = 1000) -> dict:
-    """Evaluates a checkpoint of ``workdir`` on all 10,000 test images."""
-    loaded = load_state(workdir, checkpoint)
-    test = load_dataset(data_dir or None, validation_size=0).test
-    logits = np.concatenate([
-        np.asarray(loaded.predict_logits(test.images[i:i + batch_size]))
-        for i in range(0, len(test.labels), batch_size)])
+def evaluate(workdir: str, step: int | None = None, best: bool = False,
+             data_dir: str | None = None) -> dict:
+    """Evaluates the run's model (or the checkpoint of ``step``, or the best one) of
+    ``workdir`` on all 10,000 test images, as the run itself evaluates."""
+    classifier = load_model(workdir, step=step, best=best)
+    config = Config.from_dict(json.loads((Path(workdir) / "config.json").read_text()))
+    test = load_test_split(config, data_dir or None)
+    logits = classifier.logits(test.images)
     predictions = logits.argmax(-1)
-    loss = float(np.mean(cross_entropy(jax.numpy.asarray(logits), test.labels)))
+    scores = classification(logits, test.labels)
     matrix = confusion_matrix(test.labels, predictions)
     per_class = matrix.diagonal() / matrix.sum(1)
-    return {"workdir": str(workdir), "checkpoint_step": loaded.step,
-            "model": loaded.config.model, "test_loss": loss,
-            "test_accuracy": float(np.mean(predictions == test.labels)),
-            "test_count": int(len(test.labels)),
+    return {"workdir": str(workdir), "checkpoint_step": classifier.step,
+            "weights": classifier.description, "model": config.model,
+            "test_loss": scores["loss"], "test_accuracy": scores["accuracy"],
+            "test_count": scores["count"],
             "per_class_accuracy": dict(zip(CLASS_NAMES, map(float, per_class))),
             "confusion_matrix": matrix.tolist(), "class_names": list(CLASS_NAMES)}
 
@@ -61,8 +67,8 @@ def evaluate(workdir: str, checkpoint: str = "best", data_dir: str | None = None
 def format_report(report: dict) -> str:
     names = report["class_names"]
     short = [n.split("/")[0][:7] for n in names]
-    lines = [f"{report['workdir']} (checkpoint step {report['checkpoint_step']}, "
-             f"{report['model']}): test loss {report['test_loss']:.4f}, accuracy "
+    lines = [f"{report['workdir']}: {report['weights']}, {report['model']}",
+             f"test loss {report['test_loss']:.4f}, accuracy "
              f"{100 * report['test_accuracy']:.2f}% of {report['test_count']} images", "",
              "per class:"]
     lines += [f"  {name:<12} {100 * acc:6.2f}%" for name, acc
@@ -81,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         args = EvalConfig(**vars(parser.parse_args(argv)))
         if not args.workdir:
             raise UserError("--workdir is required: the directory of a training run")
-        report = evaluate(args.workdir, args.checkpoint, args.data_dir, args.batch_size)
+        report = evaluate(args.workdir, None if args.step < 0 else args.step, args.best,
+                          args.data_dir)
         out = Path(args.workdir)
-        metrics_lib.write_json(out / "eval.json", report)
+        files.write_json(out / "eval.json", report)
         plot_confusion_matrix(np.array(report["confusion_matrix"]), report["class_names"],
                               out / "confusion_matrix.png",
                               title=f"{report['model']}: test accuracy "

@@ -3,7 +3,8 @@
 Both pipelines feed the same jitted steps of :mod:`fmnist_jax.steps` and share one
 interface: ``train_epoch(state, epoch, steps)`` yields ``(state, metric_sums, num_steps)`` as
 it goes (the sums carry ``first_nonfinite``, the first step with a NaN or infinite loss or
--1), and ``evaluate(state, split, steps)`` returns ``{"loss", "accuracy", "count"}``.
+-1), ``evaluate(variables, split, steps)`` returns the logits of every image of a split on
+the host, and ``split(name)`` its images and labels.
 
 - :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
   are 43 MB). Every epoch draws a fresh permutation on the host (numpy: 0.1 ms, against 28 ms for
@@ -25,29 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax.data import CLASS_NAMES, Split
+from fmnist_jax.data import CLASS_NAMES, Split, find_files, load_arrays
 from fmnist_jax.errors import UserError
-from fmnist_jax.parallel import Devices
+from fmnist_jax.parallel import Devices, to_host
 from fmnist_jax.steps import Steps, TrainState
 
 
-def finish(sums: dict) -> dict:
-    """Turns evaluation sums into means."""
-    count = float(sums["count"])
-    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
-            "count": int(count)}
-
-
-def pad_to_batches(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(batches, batch_size, ...) arrays and a 0/1 mask; padding repeats nothing real."""
-    n = len(split.labels)
+def batched(images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``(batches, batch_size, ...)`` images, the last batch padded with black images."""
+    n = len(images)
     batches = -(-n // batch_size)
-    pad = batches * batch_size - n
-    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-    labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return (images.reshape(batches, batch_size, *split.images.shape[1:]),
-            labels.reshape(batches, batch_size), mask.reshape(batches, batch_size))
+    pad = np.zeros((batches * batch_size - n, *images.shape[1:]), images.dtype)
+    return np.concatenate([images, pad]).reshape(batches, batch_size, *images.shape[1:])
+
+
+def unbatched(logits, n: int) -> np.ndarray:
+    """The logits of :func:`batched` images on the host, ``(n, classes)``, padding dropped."""
+    logits = to_host(logits)
+    return logits.reshape(-1, logits.shape[-1])[:n]
 
 
 def check_batch_size(batch_size: int, num_train: int, devices: Devices) -> None:
@@ -80,11 +76,11 @@ class DeviceResident:
         self.steps_per_dispatch = steps_per_dispatch
         self.train = devices.replicate((train.images, train.labels))
         eval_batch_size = per_device_multiple(eval_batch_size, devices)
-        self.evals = {name: devices.put(pad_to_batches(split, eval_batch_size),
+        self.splits = {name: split for name, split in evals.items() if split is not None}
+        self.evals = {name: devices.put(batched(split.images, eval_batch_size),
                                         devices.sharded(axis=1))
-                      for name, split in evals.items() if split is not None}
+                      for name, split in self.splits.items()}
         self.has_validation = "validation" in self.evals
-        self._test = evals.get("test")
         self._seed = [int(w) for w in np.asarray(jax.random.key_data(rng)).ravel()]
         self._devices = devices
 
@@ -105,12 +101,14 @@ class DeviceResident:
             state, sums = steps.train_scan(state, images, labels, indices)
             yield state, sums, indices.shape[0]
 
-    def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
-        return finish(steps.eval_scan(state, *self.evals[split]))
+    def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
+        """The logits ``(N, 10)`` of every image of ``split``, on the host."""
+        return unbatched(steps.eval_batches(variables, self.evals[split]),
+                         len(self.splits[split].labels))
 
-    def test_split(self) -> Split:
-        """The test images and labels on the host (for plots)."""
-        return self._test
+    def split(self, name: str) -> Split:
+        """The images and labels of an evaluation split, on the host."""
+        return self.splits[name]
 
 
 class TfdsStream:
@@ -140,15 +138,17 @@ class TfdsStream:
         self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.steps_per_epoch = self.num_train // batch_size
         self.seed = seed
+        self._splits: dict[str, Split] = {}
 
-    def _gather(self, source, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _gather(source, index: np.ndarray) -> Split:
         records = [source[int(i)] for i in index]
         images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1)
                            for r in records])
         labels = np.asarray([r["label"] for r in records], np.int32)
-        return images, labels
+        return Split(images, labels)
 
-    def _stream(self, batches: Iterator[dict]) -> Iterator[dict]:
+    def _stream(self, batches: Iterator, axis: int = 0) -> Iterator:
         """Runs ``batches`` (this process's part of each) in a thread, two batches ahead,
         already split over the devices."""
         slots: queue.Queue = queue.Queue(maxsize=2)
@@ -167,7 +167,7 @@ class TfdsStream:
         def produce():
             try:
                 for batch in batches:
-                    if not put(self.devices.shard_batch(batch)):
+                    if not put(self.devices.shard_batch(batch, axis)):
                         return
                 put(done)
             except BaseException as e:  # re-raised in the consumer
@@ -202,35 +202,52 @@ class TfdsStream:
             bad = jnp.where(jnp.isfinite(metrics["loss"]), -1, state.step - 1)
             yield state, {**metrics, "first_nonfinite": bad}, 1
 
-    def evaluate(self, state: TrainState, split: str, steps: Steps) -> dict:
+    def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
+        """The logits ``(N, 10)`` of every image of ``split``, on the host."""
         source = self.sources["train" if split == "validation" else "test"]
         index = self.split_index[split]
-
         mine = self.devices.local_slice(self.eval_batch_size)
 
         def batches():
             for start in range(0, len(index), self.eval_batch_size):
-                images, labels = self._gather(source, index[start:start + self.eval_batch_size])
-                images, labels, mask = (a[0, mine] for a in pad_to_batches(
-                    Split(images, labels), self.eval_batch_size))
-                yield {"image": images, "label": labels, "mask": mask}
+                images, _ = self._gather(source, index[start:start + self.eval_batch_size])
+                yield batched(images, self.eval_batch_size)[:, mine]
 
-        sums = None
-        for batch in self._stream(batches()):
-            out = steps.eval_step(state, batch)
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        return finish(sums)
+        return np.concatenate([
+            unbatched(steps.eval_batches(variables, images), self.eval_batch_size)
+            for images in self._stream(batches(), axis=1)])[:len(index)]
 
-    def test_split(self) -> Split:
-        """The test images and labels on the host (for plots)."""
-        return Split(*self._gather(self.sources["test"], self.split_index["test"]))
+    def split(self, name: str) -> Split:
+        """The images and labels of an evaluation split, on the host (read once)."""
+        if name not in self._splits:
+            source = self.sources["train" if name == "validation" else "test"]
+            self._splits[name] = self._gather(source, self.split_index[name])
+        return self._splits[name]
+
+
+def load_test_split(config, data_dir: str | None = None) -> Split:
+    """The test split as the run of ``config`` read it (IDX files or tfds), on the host;
+    ``data_dir`` overrides the run's."""
+    data_dir = data_dir or config.data_dir or None
+    if config.data_source == "tfds":
+        source = load_tfds_sources(data_dir, local_idx_dir())["test"]
+        return TfdsStream._gather(source, np.arange(len(source)))
+    return Split(*load_arrays(data_dir)[1])
+
+
+def local_idx_dir() -> str | None:
+    """The local official files, if any: tfds prepares from them instead of downloading."""
+    try:
+        return str(find_files(None, download=False)["train_images"].parent)
+    except UserError:
+        return None
 
 
 def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None) -> dict:
     """Random-access ``train`` and ``test`` sources of tfds's ``fashion_mnist``.
 
     Reads prepared ArrayRecord data without TensorFlow. If the data is not prepared yet,
-    preparing it needs TensorFlow (``pip install 'fmnist_jax[tfds]'``); ``manual_dir`` may
+    preparing it needs TensorFlow (``pip install 'fmnist_jax[tensorflow]'``); ``manual_dir`` may
     hold the four official files (e.g. the ones this package found) so nothing is
     downloaded.
     """
@@ -248,7 +265,7 @@ def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None
                                    data_dir=data_dir or None, **kwargs)
     except ImportError as e:
         raise UserError("tfds has no prepared fashion_mnist here, and preparing it needs "
-                        f"TensorFlow ({e}): pip install 'fmnist_jax[tfds]', or use "
+                        f"TensorFlow ({e}): pip install 'fmnist_jax[tensorflow]', or use "
                         "--data_source=idx (the default, no TensorFlow)")
     except Exception as e:  # tfds raises many types; the message is what matters here
         raise UserError(f"tfds could not load fashion_mnist: {type(e).__name__}: {e}")

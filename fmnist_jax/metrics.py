@@ -1,7 +1,12 @@
-"""What a run writes into its workdir: ``config.json``, ``metrics.jsonl``, ``summary.json``,
-and with ``--tensorboard`` TensorBoard event files in ``tensorboard/``.
+"""What a run measures and writes into its workdir: loss and accuracy from logits,
+``config.json``, ``metrics.jsonl``, ``summary.json``, and with ``--tensorboard`` TensorBoard
+event files in ``tensorboard/``.
 
-JSON files are written atomically (temporary file, then rename): a crash never leaves a
+Every evaluation (validation and test during training, ``fmnist-evaluate``, ``predict``)
+computes its loss and accuracy with :func:`classification`, from float32 logits, in float64
+on the host: the same logits give the same numbers everywhere, to the last digit.
+
+JSON files are written atomically (:mod:`fmnist_jax.files`): a crash never leaves a
 half-written one. ``metrics.jsonl`` gets one JSON object per epoch, flushed as it goes.
 """
 
@@ -10,10 +15,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from fmnist_jax.errors import UserError
+from fmnist_jax.files import clean
+
+
+def classification(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Mean softmax cross-entropy (the negative log-likelihood of the labels, whatever loss
+    training used), accuracy and count, from logits ``(N, C)`` and integer labels ``(N,)``.
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    top = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+    nll = log_norm - logits[np.arange(len(labels)), labels]
+    return {"loss": float(nll.mean()), "accuracy": float((logits.argmax(-1) == labels).mean()),
+            "count": int(len(labels))}
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
@@ -30,43 +50,6 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     return path
 
 
-def _clean(value):
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _write_atomically(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as indented JSON, atomically."""
-    _write_atomically(path, json.dumps(_clean(obj), indent=2) + "\n")
-
-
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Writes ``records`` one per line, atomically (replacing the file)."""
-    _write_atomically(path, "".join(json.dumps(_clean(r)) + "\n" for r in records))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class JsonlWriter:
     """Appends one JSON object per line and flushes each, so a crash loses no epoch."""
 
@@ -74,7 +57,7 @@ class JsonlWriter:
         self._file = open(path, "a" if append else "w")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(_clean(record)) + "\n")
+        self._file.write(json.dumps(clean(record)) + "\n")
         self._file.flush()
 
     def close(self) -> None:

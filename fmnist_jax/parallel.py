@@ -147,6 +147,15 @@ def setup(distributed: bool = False) -> Devices:
                                  axis_types=(jax.sharding.AxisType.Auto,)))
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded) array as one numpy array on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def is_main_process() -> bool:
     """Only process 0 prints, writes metrics and plots."""
     return jax.process_index() == 0

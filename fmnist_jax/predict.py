@@ -3,7 +3,8 @@
     python -m fmnist_jax.predict --workdir=runs/cnn shoe.png shirt.jpg
     python -m fmnist_jax.predict --workdir=runs/cnn --test_index=0 --test_index=17
 
-Library: ``model = load_model(workdir)`` then ``predict(model, images) -> probabilities``.
+Library: ``model = load_model(workdir)`` (the run's model, :mod:`fmnist_jax.inference`) then
+``model.predict(images) -> probabilities``.
 
 How a picture becomes a Fashion-MNIST input (:func:`image_to_input`):
 
@@ -22,28 +23,20 @@ import os
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from fmnist_jax.checkpoints import Loaded, load_state
 from fmnist_jax.cli import _Parser, quiet_library_logs
 from fmnist_jax.data import CLASS_NAMES, load_dataset
 from fmnist_jax.errors import UserError
+from fmnist_jax.inference import Classifier, load_model
 
 MAX_SIDE = 4096
 
 
-def load_model(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Loaded:
-    """A trained model from ``workdir`` (``best``, ``latest`` or a step number)."""
-    return load_state(workdir, checkpoint)
-
-
-def predict(model: Loaded, images) -> np.ndarray:
-    """Class probabilities ``(N, 10)`` for uint8 images ``(N, 28, 28)`` or ``(N, 28, 28, 1)``."""
-    images = np.asarray(images)
-    if images.ndim not in (3, 4) or images.shape[1:3] != (28, 28):
-        raise UserError(f"images must be (N, 28, 28) or (N, 28, 28, 1), got {images.shape}")
-    return np.asarray(jax.nn.softmax(model.predict_logits(images), axis=-1))
+def predict(model: Classifier, images) -> np.ndarray:
+    """Class probabilities ``(N, 10)`` for uint8 (or 0-255) images ``(N, 28, 28[, 1])``:
+    ``model.predict(images)``."""
+    return model.predict(images)
 
 
 def image_to_input(path: str | os.PathLike) -> np.ndarray:
@@ -92,8 +85,11 @@ def _parser() -> _Parser:
                      "(others are converted; see the module docstring) with a trained run.")
     parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--workdir", required=True, help="the training run's workdir")
-    parser.add_argument("--checkpoint", default="best",
-                        help="best, latest or a step number (default: best)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="use the checkpoint of this step instead of the run's model")
+    parser.add_argument("--best", action="store_true",
+                        help="use the best checkpoint by the run's --monitor instead of the "
+                             "run's model")
     parser.add_argument("--test_index", type=int, action="append", default=[],
                         help="classify test image N (repeatable)")
     parser.add_argument("--data_dir", default="", help="Fashion-MNIST files, for --test_index")
@@ -120,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 inputs.append(test.images[i, ..., 0])
                 names.append(f"test[{i}]")
                 truth.append(CLASS_NAMES[test.labels[i]])
-        model = load_model(args.workdir, args.checkpoint)
-        probs = predict(model, np.stack(inputs))
+        model = load_model(args.workdir, step=args.step, best=args.best)
+        probs = model.predict(np.stack(inputs))
     except UserError as e:
         print(f"fmnist-predict: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -3,12 +3,13 @@
 The model is split once into a static ``graphdef`` and array state; a step merges them,
 runs, and splits again, so every step is a pure function of explicit arrays::
 
-    state, metrics = train_step(state, batch)   # jitted, ``state`` donated
-    sums = eval_step(state, batch)              # jitted
+    state, metrics = train_step(state, batch)      # jitted, ``state`` donated
+    logits = eval_step(variables, images)          # jitted
 
-A batch is ``{"image": uint8 (B, 28, 28, 1), "label": int32 (B,)}``, plus for evaluation an
-optional float ``"mask"`` (B,) that zeroes padded examples. Images are normalised inside the
-step, so batches stay uint8 (4x less memory and host-to-device traffic than float32).
+A training batch is ``{"image": uint8 (B, 28, 28, 1), "label": int32 (B,)}``. Images are
+normalised inside the steps, so batches stay uint8 (4x less memory and host-to-device
+traffic than float32). Evaluation returns logits; loss and accuracy are computed from them
+on the host (:mod:`fmnist_jax.metrics`), the same way for every caller.
 Dropout keys are ``fold_in(state.rng, state.step)``: the same seed gives the same run.
 """
 
@@ -71,11 +72,12 @@ def _update_ema(ema: dict, params, model_state, decay: jax.Array) -> dict:
                         if jnp.issubdtype(x.dtype, jnp.floating) else x, ema, new)
 
 
-def inference_variables(state: TrainState) -> tuple[nnx.State, nnx.State]:
-    """The weights to evaluate and predict with: the moving averages when kept."""
+def inference_variables(state: TrainState) -> dict:
+    """The weights to evaluate and predict with, ``{"params", "model_state"}``: the moving
+    averages when the state keeps them."""
     if state.ema is not None:
-        return state.ema["params"], state.ema["model_state"]
-    return state.params, state.model_state
+        return state.ema
+    return {"params": state.params, "model_state": state.model_state}
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -159,24 +161,25 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-              loss_fn: LossFn, dtype=jnp.float32) -> dict:
-    """Sums over a batch: ``loss``, ``correct`` and ``count`` (masked examples excluded)."""
-    logits = predict_logits(state, batch["image"], graphdef=graphdef, dtype=dtype)
-    mask = batch.get("mask")
-    if mask is None:
-        mask = jnp.ones(logits.shape[0], jnp.float32)
-    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
-    return {"loss": jnp.sum(loss_fn(logits, batch["label"]) * mask),
-            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
+              dtype=jnp.float32) -> jax.Array:
+    """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
+    mode, with ``variables`` = ``{"params", "model_state"}`` (:func:`inference_variables`).
 
-
-def predict_logits(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
-                   dtype=jnp.float32) -> jax.Array:
-    """float32 logits for a batch of uint8 images, in inference mode (with the moving
-    averages of the weights when the state keeps them)."""
-    model = _merge(graphdef, *inference_variables(state), dtype)
+    Every evaluation of the library goes through this function: validation and test
+    during training, ``fmnist-evaluate``, ``fmnist-predict`` and ``Result.predict``; loss
+    and accuracy are computed from its logits (:func:`fmnist_jax.metrics.classification`).
+    """
+    model = _merge(graphdef, variables["params"], variables["model_state"], dtype)
     return model(normalize(images).astype(dtype), train=False).astype(jnp.float32)
+
+
+def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
+                 dtype=jnp.float32) -> jax.Array:
+    """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
+    logits ``(batches, batch, 10)``."""
+    return jax.lax.map(
+        lambda batch: eval_step(variables, batch, graphdef=graphdef, dtype=dtype), images)
 
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -202,28 +205,13 @@ def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     return state, {**sums, "first_nonfinite": first_bad}
 
 
-def scan_eval_steps(state: TrainState, images: jax.Array, labels: jax.Array,
-                    mask: jax.Array, *, step_fn) -> dict:
-    """Sums ``step_fn``'s results over (batches, batch) arrays in one scan."""
-
-    def body(sums, batch):
-        image, label, m = batch
-        return jax.tree.map(jnp.add, sums, step_fn(state, {"image": image, "label": label,
-                                                           "mask": m})), None
-
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
-    sums, _ = jax.lax.scan(body, zeros, (images, labels, mask))
-    return sums
-
-
 class Steps(NamedTuple):
     """The jitted functions of one run, built by :func:`make_steps`."""
 
-    train_step: Callable
-    eval_step: Callable
-    train_scan: Callable
-    eval_scan: Callable
-    predict: Callable
+    train_step: Callable  # (state, batch) -> (state, metrics); donates the state
+    train_scan: Callable  # (state, images, labels, indices) -> (state, sums); donates
+    eval_step: Callable  # (variables, images) -> logits
+    eval_batches: Callable  # (variables, batched images) -> batched logits
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
@@ -236,13 +224,23 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
     """
     train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
                               dtype=dtype, ema_decay=ema_decay, augment=augment)
-    evaluate = functools.partial(eval_step, graphdef=graphdef, loss_fn=loss_fn, dtype=dtype)
     pinned = {} if replicated is None else {"out_shardings": replicated}
     return Steps(
         train_step=jax.jit(train, donate_argnums=0, **pinned),
-        eval_step=jax.jit(evaluate, **pinned),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train),
                            donate_argnums=0, **pinned),
-        eval_scan=jax.jit(functools.partial(scan_eval_steps, step_fn=evaluate), **pinned),
-        predict=jax.jit(functools.partial(predict_logits, graphdef=graphdef, dtype=dtype)),
+        **make_eval_steps(graphdef, dtype)._asdict(),
     )
+
+
+class EvalSteps(NamedTuple):
+    eval_step: Callable
+    eval_batches: Callable
+
+
+def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32) -> EvalSteps:
+    """The jitted inference functions alone (no optimizer or loss needed)."""
+    return EvalSteps(
+        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, dtype=dtype)),
+        eval_batches=jax.jit(functools.partial(eval_batches, graphdef=graphdef,
+                                               dtype=dtype)))

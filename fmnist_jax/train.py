@@ -13,6 +13,8 @@ dispatch of steps, writes a checkpoint and exits; a second Ctrl-C exits at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import os
 import resource
 import shlex
@@ -30,20 +32,22 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fmnist_jax import files
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax.augment import Augment
 from fmnist_jax import parallel
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, move_aside
 from fmnist_jax.cli import parse_config, quiet_library_logs
 from fmnist_jax.config import Config, monitor_sign
-from fmnist_jax.data import CLASS_NAMES, Dataset, cache_dir, find_files, load_dataset
+from fmnist_jax.data import CLASS_NAMES, Dataset, cache_dir, load_dataset
 from fmnist_jax.errors import UserError
-from fmnist_jax.input_pipeline import DeviceResident, TfdsStream
+from fmnist_jax.inference import Classifier
+from fmnist_jax.input_pipeline import DeviceResident, TfdsStream, local_idx_dir
 from fmnist_jax.parallel import Devices
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state,
-                              make_loss, make_steps)
+                              inference_variables, make_loss, make_steps)
 
 
 class Preempted(UserError):
@@ -59,16 +63,29 @@ class Preempted(UserError):
 class Result:
     """What :func:`fit` returns."""
 
-    state: TrainState  # final (or best, with early stopping) training state
+    state: TrainState  # the training state whose weights the summary reports
     graphdef: nnx.GraphDef
     history: list[dict]  # one record per epoch, as in metrics.jsonl
     summary: dict  # as in summary.json
     steps: Steps  # the jitted step functions, for further evaluation
+    config: Config
+
+    @functools.cached_property
+    def classifier(self) -> Classifier:
+        """The run's model (the weights the summary's test accuracy was measured with),
+        ready to classify raw images."""
+        return Classifier(self.graphdef, inference_variables(self.state),
+                          self.config.eval_batch_size, self.config.dtype,
+                          self.summary["checkpoint_step"], "the run's model")
 
     @property
     def model(self) -> nnx.Module:
-        """The trained model as an NNX module."""
-        return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+        """The run's model as an ``nnx.Module``."""
+        return self.classifier.model
+
+    def predict(self, images) -> np.ndarray:
+        """Class probabilities ``(N, 10)`` for uint8 (or 0-255) images ``(N, 28, 28[, 1])``."""
+        return self.classifier.predict(images)
 
 
 @dataclasses.dataclass
@@ -136,6 +153,9 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         if not self.armed:
+            if _in_gc_callback(frame):  # an exception there is printed and ignored
+                signal.raise_signal(signum)  # handled again once the callback returns
+                return
             raise Interrupted(signum)
         if self.signum is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
@@ -150,27 +170,29 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
+def _in_gc_callback(frame) -> bool:
+    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one)."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array,
                    devices: Devices):
     if config.data_source == "tfds" and data is None:
         return TfdsStream(devices=devices, batch_size=config.batch_size,
                           eval_batch_size=config.eval_batch_size,
                           validation_size=config.validation_size, seed=config.seed,
-                          data_dir=config.data_dir or None, manual_dir=_local_idx_dir())
+                          data_dir=config.data_dir or None, manual_dir=local_idx_dir())
     if data is None:
         data = load_dataset(config.data_dir or None, config.validation_size)
     return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
                           devices=devices, batch_size=config.batch_size,
                           eval_batch_size=config.eval_batch_size,
                           steps_per_dispatch=config.steps_per_dispatch, rng=data_key)
-
-
-def _local_idx_dir() -> str | None:
-    """The local official files, if any: tfds prepares from them instead of downloading."""
-    try:
-        return str(find_files(None, download=False)["train_images"].parent)
-    except UserError:
-        return None
 
 
 def _initial_state(config: Config, optimizer, init_key, dropout_key,
@@ -299,8 +321,8 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             ckpt = Checkpoints(out, keep=config.keep_checkpoints, monitor=config.monitor)
             state, position, history = _resume(ckpt, state, config, monitor, steps_per_epoch)
         if writes:
-            metrics_lib.write_json(out / "config.json", config.to_dict())
-            metrics_lib.write_jsonl(out / "metrics.jsonl", history)
+            files.write_json(out / "config.json", config.to_dict())
+            files.write_jsonl(out / "metrics.jsonl", history)
             writers.append(metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True))
             if config.tensorboard:
                 writers.append(metrics_lib.TensorBoardWriter(out / "tensorboard"))
@@ -310,6 +332,7 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                     "step_in_epoch": position.step_in_epoch, "loss_sum": position.loss_sum,
                     "accuracy_sum": position.accuracy_sum, "history": history,
                     "monitor": monitor.to_dict(), "stopped_early": position.stopped_early,
+                    "custom_model": None if model is None else model_name,
                     "wall_time_s": position.wall_time_s + time.perf_counter() - started}
 
         timings = {"training_starts_s": _process_age()}
@@ -346,10 +369,10 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                           "images_per_s": done * config.batch_size / seconds}
                 throughput.append(record["images_per_s"])
                 if pipeline.has_validation:
-                    val = pipeline.evaluate(state, "validation", steps)
+                    val, _ = _evaluate(pipeline, state, "validation", steps)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 if config.test_every_epoch:
-                    test = pipeline.evaluate(state, "test", steps)
+                    test, _ = _evaluate(pipeline, state, "test", steps)
                     record.update(test_loss=test["loss"], test_accuracy=test["accuracy"],
                                   process_age_s=_process_age())
                 record["wall_time_s"] = (position.wall_time_s + time.perf_counter()
@@ -384,9 +407,9 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             state = monitor.best_state
             final_val = history[monitor.best_epoch - 1]
         if final_val is None and pipeline.has_validation:  # no epoch trained
-            val = pipeline.evaluate(state, "validation", steps)
+            val, _ = _evaluate(pipeline, state, "validation", steps)
             final_val = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        test = pipeline.evaluate(state, "test", steps)
+        test, test_logits = _evaluate(pipeline, state, "test", steps)
     summary = {
         "model": model_name,
         "num_params": num_params,
@@ -398,7 +421,12 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
         "train_accuracy": history[-1]["train_accuracy"] if history else None,
         "epochs": len(history),
         "best_epoch": monitor.best_epoch if monitor.patience else len(history),
-        "steps": int(state.step),
+        "steps": history[-1]["step"] if history else int(state.step),
+        # The weights this summary's test and validation figures were measured with:
+        # those of this step (the best epoch's under early stopping, else the last),
+        # their moving average when --ema_decay > 0.
+        "checkpoint_step": int(state.step),
+        "weights": "ema" if state.ema is not None else "raw",
         "wall_time_s": position.wall_time_s + time.perf_counter() - started,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         # Steady state: the first epoch of a process includes compilation.
@@ -417,18 +445,26 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
     _log(f"test: loss {test['loss']:.4f}, accuracy {100 * test['accuracy']:.2f}% "
          f"({test['count']} images); {summary['wall_time_s']:.1f} s in all")
     if writes:
-        metrics_lib.write_json(out / "summary.json", summary)
+        files.write_json(out / "summary.json", summary)
         if config.plots and history:
-            _write_plots(out, history, pipeline.test_split(), steps, state, model_name)
-    return Result(state, graphdef, history, summary, steps)
+            _write_plots(out, history, pipeline.split("test"), test_logits, model_name)
+    return Result(state, graphdef, history, summary, steps, config)
 
 
-def _write_plots(out, history, test, steps: Steps, state: TrainState, title: str) -> None:
+def _evaluate(pipeline, state: TrainState, split: str, steps: Steps
+              ) -> tuple[dict, np.ndarray]:
+    """Loss, accuracy and count of ``split`` with the state's inference weights, and the
+    logits they were computed from."""
+    logits = pipeline.evaluate(inference_variables(state), split, steps)
+    return metrics_lib.classification(logits, pipeline.split(split).labels), logits
+
+
+def _write_plots(out, history, test, logits: np.ndarray, title: str) -> None:
+    """The plots, drawn from the test evaluation's logits (nothing is computed again)."""
     from fmnist_jax import plots
 
-    logits = np.concatenate([np.asarray(steps.predict(state, test.images[i:i + 1000]))
-                             for i in range(0, len(test.labels), 1000)])
-    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
     names = plots.write_run_plots(out, history, test.images, test.labels, probabilities,
                                   CLASS_NAMES, title)
     _log(f"plots: {', '.join(str(out / n) for n in names)}")

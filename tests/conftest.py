@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
+import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +19,9 @@ import pytest
 from fmnist_jax.data import FASHION_MNIST, DatasetFiles, IdxFile, Split
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite is written for the CPU (8 simulated devices, bitwise comparisons); on a GPU or
+# TPU host it still runs there unless JAX_PLATFORMS says otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def find_real_data() -> Path | None:
@@ -67,6 +74,48 @@ def write_idx_set(directory: Path, n_train: int = 200, n_test: int = 100,
             path.write_bytes(gzip.compress(payload) if gz else payload)
             specs.append(IdxFile(name, kind, n, hashlib.sha256(payload).hexdigest()))
     return DatasetFiles(*specs)
+
+
+# The generated stand-in for Fashion-MNIST that subprocess tests train on (tests/synthetic.py):
+# 3,000 training images (the first 500 are the validation split) and 1,000 test images.
+SYNTHETIC_TRAIN, SYNTHETIC_TEST, SYNTHETIC_VAL = 3000, 1000, 500
+
+
+def write_synthetic_set(directory: Path) -> Path:
+    """A full four-file set of learnable images, with the ``spec.json`` that
+    ``tests/synthetic.py`` reads."""
+    files = write_idx_set(directory, SYNTHETIC_TRAIN, SYNTHETIC_TEST)
+    (directory / "spec.json").write_text(json.dumps(
+        [dataclasses.asdict(f) for f in files.all()]))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return write_synthetic_set(tmp_path_factory.mktemp("synthetic"))
+
+
+def synthetic_cmd(data_dir: Path, module: str, *args) -> list[str]:
+    """The command line that runs ``python -m module args`` on the generated set."""
+    return [sys.executable, str(REPO / "tests" / "synthetic.py"), str(data_dir), module,
+            *map(str, args)]
+
+
+def run_synthetic(data_dir: Path, module: str, *args, env=None, timeout=300):
+    return subprocess.run(synthetic_cmd(data_dir, module, *args), capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def use_synthetic(synthetic_dir, monkeypatch) -> Path:
+    """In this process: the generated set in place of Fashion-MNIST."""
+    from fmnist_jax import data
+
+    files = DatasetFiles(*(IdxFile(**f) for f in json.loads(
+        (synthetic_dir / "spec.json").read_text())))
+    monkeypatch.setattr(data, "FASHION_MNIST", files)
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(synthetic_dir))
+    return synthetic_dir
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Run by tests/test_parallel.py in a subprocess (the device count is fixed per process).
 
-Writes a JSON report to argv[1]: ten training steps' parameters, an evaluation, a two-epoch
-run with its compilation counts, and the error for a batch size that does not divide.
+Writes a JSON report to argv[1]: ten training steps' parameters, an evaluation (sharded over
+the devices, and image by image on one device), a two-epoch run with its compilation counts,
+and the error for a batch size that does not divide. The data is the generated set of
+conftest.py (3,000 training images, 500 of them for validation, 1,000 test images).
 """
 
 import json
@@ -13,14 +15,22 @@ import optax
 from flax import nnx
 
 import fmnist_jax.train as train_lib
-from fmnist_jax import Config, UserError, fit, parallel
-from fmnist_jax.data import load_dataset
+from conftest import SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VAL, make_images
+from fmnist_jax import Classifier, Config, UserError, fit, parallel
+from fmnist_jax.data import Dataset, Split, split_validation
 from fmnist_jax.input_pipeline import DeviceResident
 from fmnist_jax.models import create_model
-from fmnist_jax.steps import create_train_state, make_loss, make_steps
+from fmnist_jax.steps import create_train_state, inference_variables, make_loss, make_steps
+
+
+def _split(n: int, seed: int) -> Split:
+    images, labels = make_images(n, seed)
+    return Split(images[..., None], labels.astype(np.int32))
+
 
 report = {"devices": jax.device_count()}
-data = load_dataset(validation_size=5000)
+train, validation = split_validation(_split(SYNTHETIC_TRAIN, 0), SYNTHETIC_VAL)
+data = Dataset(train, validation, _split(SYNTHETIC_TEST, 1), source="generated")
 
 # Ten steps with dropout and batch norm, and an evaluation: the same numbers up to float
 # rounding, whatever the number of devices.
@@ -38,7 +48,13 @@ for i, (state, _, _) in enumerate(pipeline.train_epoch(state, 1, steps)):
         break
 report["params_after_10_steps"] = np.concatenate(
     [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]).tolist()
-report["eval"] = pipeline.evaluate(state, "validation", steps)
+variables = inference_variables(state)
+logits = pipeline.evaluate(variables, "validation", steps)
+report["eval"] = train_lib.metrics_lib.classification(logits, data.validation.labels)
+# The same weights on one device, one image at a time: the same logits.
+single = Classifier(graphdef, jax.device_get(variables), batch_size=1)
+report["eval_vs_one_by_one"] = float(np.abs(logits - single.logits(
+    data.validation.images)).max())
 
 # A whole run, counting compilations after the first epoch.
 compiles = []
@@ -49,7 +65,7 @@ marks = []
 print_epoch = train_lib._print_epoch
 train_lib._print_epoch = lambda record, epochs: (marks.append(len(compiles)),
                                                  print_epoch(record, epochs))
-result = fit(Config(model="mlp", epochs=2, eval_batch_size=999, progress=False), data=data)
+result = fit(Config(model="mlp", epochs=2, eval_batch_size=99, progress=False), data=data)
 report["compiles_at_epoch_ends"] = list(marks)
 report["history"] = result.history
 report["summary"] = result.summary

@@ -13,11 +13,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_dataset
+from conftest import SYNTHETIC_TRAIN, SYNTHETIC_VAL, synthetic_cmd, tiny_dataset
 
-from fmnist_jax import Config, fit
-from fmnist_jax.checkpoints import Checkpoints, load_state
-from fmnist_jax.metrics import read_jsonl
+from fmnist_jax import Config, fit, load_model
+from fmnist_jax.checkpoints import Checkpoints
+from fmnist_jax.files import read_jsonl
 
 TINY = dict(model="cnn", features=(8,), dense=16, batch_size=32, progress=False,
             steps_per_dispatch=5)
@@ -39,15 +39,28 @@ def _assert_states_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def latest_state(workdir, template):
+    """The newest checkpoint of ``workdir``, restored into ``template``'s structure."""
+    ckpt = Checkpoints(workdir, read_only=True)
+    return ckpt.restore(ckpt.steps()[-1], template)[0]
+
+
+def latest_arrays(workdir) -> dict:
+    ckpt = Checkpoints(workdir, read_only=True)
+    return ckpt.read_arrays(ckpt.steps()[-1])
+
+
 def test_round_trip(tmp_path):
     config = Config(epochs=2, **TINY)
     result = fit(config, data=tiny_dataset(), workdir=str(tmp_path))
-    loaded = load_state(tmp_path, "latest")
-    assert loaded.step == 2 * (512 // 32) and loaded.config == config
-    _assert_states_equal(loaded.state, result.state)  # params, BN stats, Adam moments, key
-    logits = loaded.predict_logits(tiny_dataset().test.images[:8])
-    np.testing.assert_allclose(logits, result.steps.predict(result.state,
-                                                            tiny_dataset().test.images[:8]))
+    # params, BN statistics, Adam moments, moving averages, step, key
+    _assert_states_equal(latest_state(tmp_path, result.state), result.state)
+    loaded = load_model(tmp_path)  # the run's model: the last step's moving averages
+    assert loaded.step == result.summary["checkpoint_step"] == 2 * (512 // 32)
+    images = tiny_dataset().test.images
+    np.testing.assert_array_equal(loaded.logits(images), result.classifier.logits(images))
+    assert not np.array_equal(loaded.logits(images), fit(  # the EMA is what is loaded
+        config.replace(ema_decay=0.0), data=tiny_dataset()).classifier.logits(images))
 
 
 def test_keeps_latest_and_best(tmp_path):
@@ -60,7 +73,8 @@ def test_keeps_latest_and_best(tmp_path):
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
     assert steps[-2:] == [5 * 16 + 15, 6 * 16]  # the newest two (one mid-epoch)
     assert best_epoch * 16 in steps and len(steps) == 2 + (best_epoch * 16 < 5 * 16 + 15)
-    assert load_state(tmp_path, "best").step == best_epoch * 16
+    assert load_model(tmp_path, best=True).step == best_epoch * 16
+    assert load_model(tmp_path).step == 6 * 16  # the run's model: no early stopping
 
 
 def test_resume_in_process_is_bitwise(tmp_path):
@@ -91,11 +105,14 @@ def test_fresh_moves_the_old_run_aside(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "mlp"
 
 
+STEPS_PER_EPOCH = (SYNTHETIC_TRAIN - SYNTHETIC_VAL) // 32
+
+
 def _cli(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "fmnist_jax.train", "--model=mlp", "--hidden=64",
-            "--epochs=2", "--batch_size=32", "--steps_per_dispatch=20",
-            "--checkpoint_every_steps=100", "--noprogress", f"--data_dir={data_dir}",
-            f"--workdir={workdir}", *extra]
+    return synthetic_cmd(data_dir, "fmnist_jax.train", "--model=mlp", "--hidden=64",
+                         "--epochs=2", "--batch_size=32", "--steps_per_dispatch=5",
+                         "--checkpoint_every_steps=10", "--noprogress",
+                         f"--validation_size={SYNTHETIC_VAL}", f"--workdir={workdir}", *extra)
 
 
 def _steps_saved(workdir: Path) -> list[int]:
@@ -110,15 +127,15 @@ def _run_until(cmd, workdir: Path, min_step: int, sig: int, timeout=120):
         if any(s >= min_step for s in _steps_saved(workdir)):
             proc.send_signal(sig)
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(real_data_dir, tmp_path_factory):
+def uninterrupted(synthetic_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whole")
-    done = subprocess.run(_cli(workdir, real_data_dir), capture_output=True, text=True,
+    done = subprocess.run(_cli(workdir, synthetic_dir), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     return workdir
@@ -128,33 +145,31 @@ def _assert_same_run(a: Path, b: Path):
     _same_numbers(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl"))
     sa, sb = (json.loads((w / "summary.json").read_text()) for w in (a, b))
     assert (sa["test_loss"], sa["test_accuracy"]) == (sb["test_loss"], sb["test_accuracy"])
-    _assert_states_equal(load_state(a, "latest").state, load_state(b, "latest").state)
+    _assert_states_equal(latest_arrays(a), latest_arrays(b))
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise(real_data_dir, tmp_path, uninterrupted):
-    steps_per_epoch = 55_000 // 32
-    code, _, _ = _run_until(_cli(tmp_path, real_data_dir), tmp_path,
-                            steps_per_epoch + 200, signal.SIGKILL)
+def test_sigkill_mid_epoch_then_resume_is_bitwise(synthetic_dir, tmp_path, uninterrupted):
+    code, _, _ = _run_until(_cli(tmp_path, synthetic_dir), tmp_path,
+                            STEPS_PER_EPOCH + 10, signal.SIGKILL)
     assert code == -signal.SIGKILL
     saved = _steps_saved(tmp_path)
-    assert saved and steps_per_epoch < saved[-1] < 2 * steps_per_epoch  # mid-epoch 2
-    resumed = subprocess.run(_cli(tmp_path, real_data_dir), capture_output=True, text=True,
+    assert saved and STEPS_PER_EPOCH < saved[-1] < 2 * STEPS_PER_EPOCH  # mid-epoch 2
+    resumed = subprocess.run(_cli(tmp_path, synthetic_dir), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from checkpoint {tmp_path}/checkpoints/" in resumed.stdout
     _assert_same_run(tmp_path, uninterrupted)
 
 
-def test_sigterm_checkpoints_and_says_how_to_resume(real_data_dir, tmp_path, uninterrupted):
-    code, out, err = _run_until(_cli(tmp_path, real_data_dir), tmp_path, 300,
-                                signal.SIGTERM)
+def test_sigterm_checkpoints_and_says_how_to_resume(synthetic_dir, tmp_path, uninterrupted):
+    code, out, err = _run_until(_cli(tmp_path, synthetic_dir), tmp_path, 20, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, err
     assert "SIGTERM: saving a checkpoint after the current step" in err
     assert f"Run the same command with --workdir={tmp_path} to resume" in err
     assert "Traceback" not in err
     meta = Checkpoints(tmp_path).read_meta(_steps_saved(tmp_path)[-1])
-    assert meta["step_in_epoch"] % 20 == 0  # at a dispatch boundary, mid-run
-    resumed = subprocess.run(_cli(tmp_path, real_data_dir), capture_output=True, text=True,
+    assert meta["step_in_epoch"] % 5 == 0  # at a dispatch boundary, mid-run
+    resumed = subprocess.run(_cli(tmp_path, synthetic_dir), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(tmp_path, uninterrupted)

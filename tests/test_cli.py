@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SYNTHETIC_TEST, SYNTHETIC_VAL, run_synthetic
 
 from fmnist_jax.cli import build_parser, parse_config
 from fmnist_jax.config import PRESETS, Config, preset
@@ -50,14 +51,40 @@ def test_presets_are_valid_and_build_their_models(name, params):
     assert count_params(create_model(c.model, rngs=nnx.Rngs(0), **c.model_kwargs())) == params
 
 
-def test_cli_trains_and_writes_its_files(real_data_dir, tmp_path):
-    result = run_cli("--model=mlp", "--epochs=1", f"--workdir={tmp_path}",
-                     f"--data_dir={real_data_dir}", "--noprogress")
+def test_cli_trains_and_writes_its_files(synthetic_dir, tmp_path):
+    result = run_synthetic(synthetic_dir, "fmnist_jax.train", "--model=mlp", "--epochs=1",
+                           f"--workdir={tmp_path}", f"--validation_size={SYNTHETIC_VAL}",
+                           "--noprogress")
     assert result.returncode == 0, result.stderr
-    assert "test: loss" in result.stdout and "accuracy" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["test_accuracy"] > 0.80  # 82.8% measured
+    assert f"test: loss {summary['test_loss']:.4f}, accuracy " \
+           f"{100 * summary['test_accuracy']:.2f}% ({SYNTHETIC_TEST} images)" in result.stdout
+    assert summary["test_accuracy"] > 0.9  # the generated classes are easy
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    for name in ("config.json", "metrics.jsonl", "summary.json", "confusion_matrix.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # umask 022
+
+
+def test_files_follow_the_umask(tmp_path):
+    """Under umask 022 every file of a run is 0644; under 077 only its owner reads it."""
+    from conftest import tiny_dataset
+
+    from fmnist_jax import Config, fit
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            workdir = tmp_path / f"u{umask:o}"
+            fit(Config(model="mlp", epochs=1, progress=False, tensorboard=True),
+                data=tiny_dataset(), workdir=str(workdir))
+        finally:
+            os.umask(old)
+        written = [p for p in workdir.rglob("*") if p.is_file() and p.name != ".lock"
+                   and "checkpoints" not in p.parts]
+        assert {p.name for p in written} >= {"config.json", "metrics.jsonl", "summary.json",
+                                             "learning_curves.png"}
+        for p in written:
+            assert p.stat().st_mode & 0o777 == mode, (p, oct(p.stat().st_mode))
 
 
 def test_bad_value_in_a_subprocess():

@@ -87,12 +87,14 @@ def test_checksum_is_of_the_payload_not_the_gzip(tmp_path):
         read_idx(a, _spec(sha="0" * 64))
 
 
-def test_unreadable_file(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
+def test_unreadable_file(tmp_path, monkeypatch):
     path = _write(tmp_path, idx_bytes(LABELS))
-    path.chmod(0)
-    with pytest.raises(UserError, match="permission denied"):
+
+    def denied(self):  # what chmod 0 does, for root too
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(UserError, match=f"{path} cannot be read \\(permission denied\\)"):
         read_idx(path, _spec())
 
 
@@ -192,13 +194,17 @@ def test_download_into_cache(places, tmp_path, monkeypatch):
     files = write_idx_set(tmp_path / "mirror")
     server = LocalMirror(tmp_path / "mirror")
     monkeypatch.setenv("FMNIST_MIRRORS", f"http://127.0.0.1:9/ {server.url}")
+    old = os.umask(0o022)
     try:
         found = data.find_files(None, files)
     finally:
+        os.umask(old)
         server.close()
     assert found["train_images"] == places["cache"] / "train-images-idx3-ubyte.gz"
     assert sorted(p.name for p in places["cache"].iterdir()) == sorted(
         f.name + ".gz" for f in files.all())  # no temporary files left
+    for p in places["cache"].iterdir():  # readable by all, like any downloaded file
+        assert p.stat().st_mode & 0o777 == 0o644, p
 
 
 def test_interrupted_download_leaves_nothing(places, tmp_path, monkeypatch):

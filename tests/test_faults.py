@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import LocalMirror, tiny_dataset
+from conftest import (SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VAL, LocalMirror,
+                      synthetic_cmd, tiny_dataset)
 
 from fmnist_jax import Config, fit, train
-from fmnist_jax.checkpoints import Checkpoints, WorkdirLock, load_state
+from fmnist_jax.checkpoints import Checkpoints, WorkdirLock
 from fmnist_jax.errors import UserError
 
 TINY = dict(model="cnn", features=(8,), dense=16, batch_size=32, progress=False,
@@ -56,10 +57,11 @@ def one_line(err: str) -> str:
 # ------------------------------------------------------------------ data
 
 @pytest.fixture
-def data_copy(real_data_dir, tmp_path):
-    """A private copy of the four real files, to damage."""
+def data_copy(use_synthetic, tmp_path):
+    """A private copy of the four files (the generated set, with its checksums in place of
+    the official ones), to damage."""
     target = tmp_path / "data"
-    shutil.copytree(real_data_dir, target, ignore=shutil.ignore_patterns("*.txt"))
+    shutil.copytree(use_synthetic, target, ignore=shutil.ignore_patterns("*.json"))
     return target
 
 
@@ -89,10 +91,12 @@ DATA_FAULTS = {
     "wrong dimensions": (lambda d: _rewrite(d / "t10k-images-idx3-ubyte.gz",
                                             lambda p: p[:12] + (27).to_bytes(4, "big")
                                             + p[16:]),
-                         "dimensions (10000, 28, 27), expected (10000, 28, 28)"),
+                         f"dimensions ({SYNTHETIC_TEST}, 28, 27), expected "
+                         f"({SYNTHETIC_TEST}, 28, 28)"),
     "wrong count": (lambda d: _rewrite(d / "t10k-labels-idx1-ubyte.gz",
-                                       lambda p: p[:4] + (9999).to_bytes(4, "big") + p[8:-1]),
-                    "dimensions (9999,), expected (10000,)"),
+                                       lambda p: p[:4] + (SYNTHETIC_TEST - 1).to_bytes(4, "big")
+                                       + p[8:-1]),
+                    f"dimensions ({SYNTHETIC_TEST - 1},), expected ({SYNTHETIC_TEST},)"),
     "labels outside 0-9": (lambda d: _rewrite(d / "train-labels-idx1-ubyte.gz",
                                               _labels_with_12), "label 12, outside 0-9"),
     "checksum mismatch": (lambda d: _rewrite(d / "train-images-idx3-ubyte.gz",
@@ -140,16 +144,16 @@ class _StallingMirror(LocalMirror):
         super().close()
 
 
-def test_sigint_while_downloading_leaves_no_partial_file(real_data_dir, tmp_path):
+def test_sigint_while_downloading_leaves_no_partial_file(synthetic_dir, tmp_path):
     """Interrupt during data loading: a download in progress."""
-    server = _StallingMirror(real_data_dir)
+    server = _StallingMirror(synthetic_dir)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path),
-           "FMNIST_MIRRORS": server.url}
-    env.pop("FMNIST_DATA_DIR", None)
+           "FMNIST_MIRRORS": server.url, "FMNIST_DATA_DIR": ""}  # "": look, then download
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "fmnist_jax.train", "--noprogress",
-                                 f"--workdir={tmp_path}/w"], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(synthetic_cmd(synthetic_dir, "fmnist_jax.train",
+                                              "--noprogress", f"--workdir={tmp_path}/w"),
+                                env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
         assert server.sent.wait(120)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -182,12 +186,13 @@ def test_bad_flag(args, message, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--batch_size=60000"], "--batch_size=60000 must be between 1 and the 55000 training"),
-    (["--validation_size=60000"], "--validation_size=60000 must be in [0, 60000)"),
+    (["--batch_size=60000", f"--validation_size={SYNTHETIC_VAL}"],
+     f"--batch_size=60000 must be between 1 and the {SYNTHETIC_TRAIN - SYNTHETIC_VAL} "
+     "training"),
+    (["--validation_size=60000"], f"--validation_size=60000 must be in [0, {SYNTHETIC_TRAIN})"),
 ])
-def test_bad_flag_that_needs_the_data(args, message, real_data_dir, tmp_path, capsys):
-    code, err = run_main(capsys, f"--data_dir={real_data_dir}", f"--workdir={tmp_path}/w",
-                         *args)
+def test_bad_flag_that_needs_the_data(args, message, use_synthetic, tmp_path, capsys):
+    code, err = run_main(capsys, f"--workdir={tmp_path}/w", *args)
     assert code == 2 and message in one_line(err)
 
 
@@ -210,12 +215,13 @@ def test_workdir_not_writable(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------ numerics
 
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
-        real_data_dir, tmp_path, capsys):
+        use_synthetic, tmp_path, capsys):
     # SGD with a warm-up from 0: the first step is harmless, then a learning rate of 1e6
     # explodes. (Adam's steps are bounded by the learning rate: it only diverges.)
     code, err = run_main(capsys, "--model=mlp", "--optimizer=sgd", "--learning_rate=1e6",
                          "--epochs=1", "--steps_per_dispatch=1", "--checkpoint_every_steps=1",
-                         f"--data_dir={real_data_dir}", f"--workdir={tmp_path}", "--noprogress")
+                         f"--validation_size={SYNTHETIC_VAL}", f"--workdir={tmp_path}",
+                         "--noprogress")
     assert code == 2
     line = one_line(err)
     assert "the training loss became NaN or infinite at step" in line
@@ -223,9 +229,11 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
     bad = int(line.split("at step ")[1].split()[0])
     good = int(line.split("last good checkpoint (step ")[1].split(")")[0])
     assert 0 < good < bad
-    state = load_state(tmp_path, "latest").state
+    ckpt = Checkpoints(tmp_path)
+    assert ckpt.steps()[-1] == good
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(
-        state.params))
+        ckpt.read_arrays(good)["params"]))
+    assert any((tmp_path / "checkpoints.nonfinite").iterdir())  # the bad one, set aside
 
 
 def test_debug_nans_flag_turns_on_jax_checking(tmp_path):
@@ -239,10 +247,10 @@ def test_debug_nans_flag_turns_on_jax_checking(tmp_path):
 
 # ------------------------------------------------------------------ checkpoints
 
-def test_checkpoint_of_another_model(tmp_path, capsys, real_data_dir):
+def test_checkpoint_of_another_model(tmp_path, capsys, use_synthetic):
     fit(Config(epochs=1, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
     code, err = run_main(capsys, "--model=mlp", f"--workdir={tmp_path}",
-                         f"--data_dir={real_data_dir}")
+                         f"--validation_size={SYNTHETIC_VAL}")
     assert code == 2
     assert "is of another model (--model=cnn there, mlp here" in one_line(err)
     assert Checkpoints(tmp_path).steps() == [16]
@@ -272,6 +280,73 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
     assert resumed.summary["test_loss"] == whole.summary["test_loss"]  # redid epoch 3
 
 
+def test_every_checkpoint_corrupt_says_it_starts_over(tmp_path, capfd):
+    config = Config(epochs=1, **TINY)
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    for f in (tmp_path / "checkpoints" / "16").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])  # truncated
+    capfd.readouterr()
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    err = capfd.readouterr().err
+    assert "is unreadable (ValueError: OUT_OF_RANGE" in err
+    assert "training starts again from step 0" in err
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), MemoryError(),
+                                   ValueError("RESOURCE_EXHAUSTED: out of memory")])
+def test_transient_restore_error_stops_and_keeps_every_checkpoint(error, tmp_path,
+                                                                   monkeypatch):
+    """An error that does not prove the checkpoint damaged (I/O, memory) must not set it
+    aside, nor start training again from step 0: the run stops, saying so."""
+    config = Config(epochs=2, **TINY)
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "32")  # as if stopped after epoch 1
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def failing(self, step, template, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Checkpoints, "restore", failing)
+    with pytest.raises(UserError, match=r"could not read checkpoint .*/checkpoints/16 "
+                                        rf"\({type(error).__name__}.*every checkpoint was "
+                                        r"left in place"):
+        fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no checkpoints.corrupt
+    assert Checkpoints(tmp_path).steps() == [16]
+    assert fit(config, data=tiny_dataset(), workdir=str(tmp_path)).history[0]["step"] == 16
+
+
+def test_checkpoint_metadata_is_a_snapshot(tmp_path, monkeypatch):
+    """Orbax writes a checkpoint's metadata on its own thread. Here it writes each one only
+    after training has gone on by a whole epoch (as on a slow file system): each must still
+    hold the history of its own step, no later epoch."""
+    original = ocp.handlers.JsonCheckpointHandler._save_fn
+    release = {}
+
+    async def late(self, x, directory):  # called for each JSON item: meta and metrics
+        step = int(Path(directory).parent.name.split(".")[0])
+        if step < 48:
+            release.setdefault(step, threading.Event()).wait(30)  # until the next epoch
+        return await original(self, x, directory)
+
+    save = Checkpoints.save
+
+    def release_then_save(self, *args, **kwargs):  # the next epoch is in the history now
+        for event in release.values():
+            event.set()
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", late)
+    monkeypatch.setattr(Checkpoints, "save", release_then_save)
+    fit(Config(epochs=3, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    monkeypatch.undo()
+    ckpt = Checkpoints(tmp_path)
+    for step, epochs in ((16, [1]), (32, [1, 2]), (48, [1, 2, 3])):
+        assert [r["epoch"] for r in ckpt.read_meta(step)["history"]] == epochs
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     original = ocp.handlers.JsonCheckpointHandler._save_fn
     saves = []
@@ -292,7 +367,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     monkeypatch.undo()
     assert 32 in saves
     assert Checkpoints(tmp_path).steps() == [16]
-    assert load_state(tmp_path, "latest").step == 16
+    assert Checkpoints(tmp_path).read_arrays(16)["step"] == 16
 
 
 # ------------------------------------------------------------------ predict
@@ -327,9 +402,9 @@ def _signal_self_during(monkeypatch, target, name, signum=signal.SIGINT):
     monkeypatch.setattr(target, name, wrapped)
 
 
-def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, real_data_dir):
+def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, use_synthetic):
     _signal_self_during(monkeypatch, train, "load_dataset")
-    code, err = run_main(capsys, f"--workdir={tmp_path}", f"--data_dir={real_data_dir}")
+    code, err = run_main(capsys, f"--workdir={tmp_path}", f"--validation_size={SYNTHETIC_VAL}")
     assert code == 130 and "interrupted by SIGINT outside the training loop" in err
     assert not (tmp_path / "checkpoints").exists() or not any(
         (tmp_path / "checkpoints").iterdir())
@@ -342,33 +417,41 @@ def test_sigterm_during_evaluation_or_saving(where, monkeypatch, tmp_path):
     if where == "evaluation":
         _signal_self_during(monkeypatch, input_pipeline.DeviceResident, "evaluate",
                             signal.SIGTERM)
-    else:
-        _signal_self_during(monkeypatch, checkpoints.Checkpoints, "save", signal.SIGTERM)
+    else:  # from Orbax's commit thread, while epoch 1's checkpoint is being written
+        original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+        async def save_fn(self, x, directory):
+            if "16.orbax-checkpoint-tmp" in str(directory):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return await original(self, x, directory)
+
+        monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", save_fn)
     with pytest.raises(train.Preempted, match="checkpoint saved in") as e:
         fit(Config(epochs=3, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
     assert e.value.exit_code == 128 + signal.SIGTERM
     monkeypatch.undo()
-    # The save that was in progress completed: epoch 1's checkpoint restores, and the run
-    # resumes to the same end as one never interrupted.
-    assert Checkpoints(tmp_path).steps() == [16]
+    # The save that was in progress completed, and the run stopped at the next dispatch
+    # boundary at the latest (5 steps into epoch 2), with a checkpoint there; it resumes to
+    # the same end as a run never interrupted.
+    assert Checkpoints(tmp_path).steps() in ([16], [16, 21])
     resumed = fit(Config(epochs=3, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
     whole = fit(Config(epochs=3, **TINY), data=tiny_dataset())
     assert resumed.summary["test_loss"] == whole.summary["test_loss"]
 
 
-def test_sigint_during_final_test_evaluation(monkeypatch, tmp_path, capsys, real_data_dir):
+def test_sigint_during_final_test_evaluation(monkeypatch, tmp_path, capsys, use_synthetic):
     from fmnist_jax import input_pipeline
 
     original = input_pipeline.DeviceResident.evaluate
 
-    def evaluate(self, state, split, steps):
+    def evaluate(self, variables, split, steps):
         if split == "test":
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, state, split, steps)
+        return original(self, variables, split, steps)
 
     monkeypatch.setattr(input_pipeline.DeviceResident, "evaluate", evaluate)
     code, err = run_main(capsys, "--model=mlp", "--epochs=1", f"--workdir={tmp_path}",
-                         f"--data_dir={real_data_dir}", "--noprogress")
+                         f"--validation_size={SYNTHETIC_VAL}", "--noprogress")
     assert code == 130
     assert f"the checkpoints in {tmp_path} are complete" in err
-    assert Checkpoints(tmp_path).steps() == [429]
+    assert Checkpoints(tmp_path).steps() == [(SYNTHETIC_TRAIN - SYNTHETIC_VAL) // 128]

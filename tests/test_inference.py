@@ -9,20 +9,62 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SYNTHETIC_TEST, SYNTHETIC_VAL, run_synthetic
 from PIL import Image
 
-from fmnist_jax import Config, fit
+from fmnist_jax.data import CLASS_NAMES
+from fmnist_jax.errors import UserError
+from fmnist_jax.files import read_jsonl
 from fmnist_jax.predict import image_to_input, load_model, predict
 
 
 @pytest.fixture(scope="module")
-def trained(real_data_dir, tmp_path_factory):
-    """Two epochs of a small MLP on the real data (a few seconds)."""
+def trained(synthetic_dir, tmp_path_factory):
+    """A small CNN trained on the generated set through the command line, with label
+    smoothing (its training loss is not the evaluation loss) and early stopping whose best
+    epoch is not the last: the run's model is neither the latest nor an unsmoothed one."""
     workdir = tmp_path_factory.mktemp("trained")
-    config = Config(model="mlp", hidden=(128,), epochs=2, progress=False,
-                    data_dir=str(real_data_dir))
-    result = fit(config, workdir=str(workdir))
-    return workdir, result
+    done = run_synthetic(synthetic_dir, "fmnist_jax.train", "--features=8", "--dense=16",
+                         "--epochs=6", "--patience=2", "--label_smoothing=0.2",
+                         "--learning_rate=0.03", "--schedule=constant", "--noprogress",
+                         f"--validation_size={SYNTHETIC_VAL}", f"--workdir={workdir}")
+    assert done.returncode == 0, done.stderr
+    return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_evaluate_reproduces_the_summary(trained, synthetic_dir):
+    workdir, summary = trained
+    history = read_jsonl(workdir / "metrics.jsonl")
+    assert summary["checkpoint_step"] == history[summary["best_epoch"] - 1]["step"]
+    done = run_synthetic(synthetic_dir, "fmnist_jax.evaluate", f"--workdir={workdir}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((workdir / "eval.json").read_text())
+    assert report["checkpoint_step"] == summary["checkpoint_step"]
+    assert (report["test_loss"], report["test_accuracy"], report["test_count"]) == (
+        summary["test_loss"], summary["test_accuracy"], summary["test_count"])  # exactly
+    assert f"the run's model (step {summary['checkpoint_step']}, as in summary.json)" in \
+        done.stdout
+    assert f"accuracy {100 * summary['test_accuracy']:.2f}% of {SYNTHETIC_TEST}" in done.stdout
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == SYNTHETIC_TEST
+    assert np.trace(matrix) == round(report["test_accuracy"] * SYNTHETIC_TEST)
+    assert "confusion matrix (rows: true class" in done.stdout and "Ankle b" in done.stdout
+    png = Image.open(workdir / "confusion_matrix.png")
+    assert png.format == "PNG" and png.size == (800, 700)
+
+
+def test_evaluate_other_checkpoints_only_when_asked(trained, synthetic_dir):
+    workdir, summary = trained
+    last = summary["steps"]
+    assert last > summary["checkpoint_step"]
+    done = run_synthetic(synthetic_dir, "fmnist_jax.evaluate", f"--workdir={workdir}",
+                         f"--step={last}")
+    assert done.returncode == 0, done.stderr
+    assert f"the checkpoint of step {last} (asked for)" in done.stdout
+    assert json.loads((workdir / "eval.json").read_text())["checkpoint_step"] == last
+    done = run_synthetic(synthetic_dir, "fmnist_jax.evaluate", f"--workdir={workdir}",
+                         "--best")
+    assert "the best checkpoint by val_accuracy (step" in done.stdout
 
 
 def _run(module, *args):
@@ -31,69 +73,54 @@ def _run(module, *args):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def test_evaluate_end_to_end(trained, real_data_dir):
-    workdir, result = trained
-    done = _run("evaluate", f"--workdir={workdir}", f"--data_dir={real_data_dir}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads((workdir / "eval.json").read_text())
-    assert report["test_count"] == 10_000
-    assert report["test_accuracy"] == pytest.approx(result.summary["test_accuracy"])
-    assert report["test_loss"] == pytest.approx(result.summary["test_loss"], rel=1e-5)
-    matrix = np.array(report["confusion_matrix"])
-    assert matrix.shape == (10, 10) and matrix.sum() == 10_000
-    assert (matrix.sum(1) == 1000).all()  # 1,000 test images per class
-    assert np.trace(matrix) == round(report["test_accuracy"] * 10_000)
-    assert report["per_class_accuracy"]["Trouser"] > 0.9
-    assert "confusion matrix (rows: true class" in done.stdout and "Ankle b" in done.stdout
-    png = Image.open(workdir / "confusion_matrix.png")
-    assert png.format == "PNG" and png.size == (800, 700)
-
-
 def test_evaluate_errors(tmp_path):
     done = _run("evaluate", f"--workdir={tmp_path}/nope")
     assert done.returncode == 2 and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
     done = _run("evaluate", f"--workdir={tmp_path}")
-    assert done.returncode == 2 and "no checkpoints in this workdir" in done.stderr
+    assert done.returncode == 2 and "holds no config.json" in done.stderr
 
 
-def test_predict_library_and_checkpoint_choice(trained, real_data_dir):
-    workdir, result = trained
-    model = load_model(workdir)
+def test_load_model_and_predict(trained, use_synthetic):
+    workdir, summary = trained
     from fmnist_jax.data import load_dataset
-    test = load_dataset(str(real_data_dir), validation_size=0).test
-    probs = predict(model, test.images[:500])
-    assert probs.shape == (500, 10)
+
+    test = load_dataset(validation_size=0).test
+    model = load_model(workdir)
+    assert model.step == summary["checkpoint_step"]
+    probs = predict(model, test.images)
+    assert probs.shape == (SYNTHETIC_TEST, 10)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    assert (probs.argmax(1) == test.labels[:500]).mean() > 0.8
-    assert load_model(workdir, "latest").step == 2 * 429
-    assert load_model(workdir, 429).step == 429
-    with pytest.raises(Exception, match="is not in"):
-        load_model(workdir, 5)
+    assert (probs.argmax(1) == test.labels).mean() == summary["test_accuracy"]
+    assert load_model(workdir, step=summary["steps"]).step == summary["steps"]
+    with pytest.raises(UserError, match="--step=5 is not in"):
+        load_model(workdir, step=5)
 
 
-def test_predict_cli_on_files_and_test_images(trained, real_data_dir, tmp_path):
+def test_predict_cli_on_files_and_test_images(trained, synthetic_dir, use_synthetic,
+                                              tmp_path):
     workdir, _ = trained
     from fmnist_jax.data import load_dataset
-    test = load_dataset(str(real_data_dir), validation_size=0).test
-    # Test image 0 (an ankle boot) as a 28x28 PNG, and test image 1 (a pullover) as an RGB
-    # "product photo": dark on white, 3x larger, JPEG.
-    Image.fromarray(test.images[0, ..., 0]).save(tmp_path / "boot.png")
+
+    test = load_dataset(validation_size=0).test
+    # Test image 0 as a 28x28 PNG, and test image 1 as an RGB "product photo": dark on
+    # white, 3x larger, JPEG.
+    Image.fromarray(test.images[0, ..., 0]).save(tmp_path / "first.png")
     photo = 255 - np.kron(test.images[1, ..., 0], np.ones((3, 3), np.uint8))
     Image.fromarray(np.repeat(photo[..., None], 3, -1)).save(tmp_path / "photo.jpg",
                                                               quality=95)
     converted = image_to_input(tmp_path / "photo.jpg").astype(float)
     assert np.abs(converted - test.images[1, ..., 0]).mean() < 10  # back to the original
-    done = _run("predict", f"--workdir={workdir}", f"--data_dir={real_data_dir}",
-                "--test_index=0", "--test_index=1", tmp_path / "boot.png",
-                tmp_path / "photo.jpg")
+    done = run_synthetic(synthetic_dir, "fmnist_jax.predict", f"--workdir={workdir}",
+                         "--test_index=0", "--test_index=1", tmp_path / "first.png",
+                         tmp_path / "photo.jpg")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith(f"{tmp_path / 'boot.png'}: Ankle boot ")
-    assert lines[1].startswith(f"{tmp_path / 'photo.jpg'}: Pullover ")  # test[1]: pullover
-    assert lines[2].startswith("test[0]: Ankle boot ") and lines[2].endswith(
-        "(true: Ankle boot)")
-    assert "test[1]: Pullover" in lines[3]
+    first, second = (CLASS_NAMES[k] for k in test.labels[:2])
+    assert lines[0].startswith(f"{tmp_path / 'first.png'}: {first} ")
+    assert lines[1].startswith(f"{tmp_path / 'photo.jpg'}: {second} ")
+    assert lines[2].startswith(f"test[0]: {first} ") and lines[2].endswith(f"(true: {first})")
+    assert f"test[1]: {second}" in lines[3]
 
 
 def test_image_conversion_rules(tmp_path):

@@ -122,10 +122,13 @@ def test_max_pool_after_relu_has_autodiffs_gradient():
 def test_dropout_only_in_training():
     model = create_model("mlp", rngs=nnx.Rngs(0))
     x = jnp.ones((4, 28, 28, 1))
-    np.testing.assert_array_equal(model(x), model(x, train=False))
     a = model(x, train=True, rngs=nnx.Rngs(dropout=1))
     b = model(x, train=True, rngs=nnx.Rngs(dropout=2))
-    assert not np.allclose(a, b)
+    assert not np.allclose(a, b)  # training: the key decides the mask
+    # Inference: no dropout, whatever the key; and not the training output.
+    c = model(x, train=False, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(c, model(x, train=False, rngs=nnx.Rngs(dropout=2)))
+    assert not np.allclose(a, c)
 
 
 def test_unknown_model():

@@ -51,6 +51,63 @@ def test_every_optimizer_descends(name):
     assert loss(params) < start
 
 
+def _two_steps(name, lr=0.1, **kwargs):
+    """Two updates of w = [[2.0]] with gradients 1.0 then 3.0."""
+    tx = make_optimizer(name, optax.constant_schedule(lr), **kwargs)
+    params = {"w": jnp.array([[2.0]])}
+    state = tx.init(params)
+    out = []
+    for g in (1.0, 3.0):
+        updates, state = tx.update({"w": jnp.array([[g]])}, state, params)
+        out.append(float(updates["w"][0, 0]))
+    return out
+
+
+def test_each_optimizer_step_is_exact():
+    """One hand-computed update pair per optimizer, with the constants that matter: Adam's
+    (0.9, 0.999, 1e-8), Keras's Adadelta (rho 0.95, eps 1e-7) and RMSprop (rho 0.9, eps
+    1e-7), SGD's momentum and Nesterov."""
+    # SGD with momentum 0.9: v1 = 1, v2 = 0.9 + 3 = 3.9.
+    assert _two_steps("sgd", momentum=0.9) == pytest.approx([-0.1, -0.39])
+    # Nesterov: g + 0.9 v = 1 + 0.9; 3 + 0.9 * 3.9.
+    assert _two_steps("sgd", momentum=0.9, nesterov=True) == pytest.approx(
+        [-0.19, -0.1 * (3 + 0.9 * 3.9)])
+    # Adam: m1 = 0.1, v1 = 0.001 -> m^ = 1, v^ = 1: -lr; step 2: m = 0.39, v = 0.009999.
+    m, v = 0.09 + 0.3, 0.999e-3 + 0.009
+    m_hat, v_hat = m / (1 - 0.9 ** 2), v / (1 - 0.999 ** 2)
+    assert _two_steps("adam") == pytest.approx(
+        [-0.1 * 1 / (1 + 1e-8), -0.1 * m_hat / (np.sqrt(v_hat) + 1e-8)], rel=1e-5)
+    # Adadelta (Keras constants): E[g2] = 0.05 g2; step = sqrt(E[dx2] + eps) /
+    # sqrt(E[g2] + eps) * g; E[dx2] = 0.05 dx2.
+    eps, rho = 1e-7, 0.95
+    g2 = (1 - rho) * 1.0
+    dx1 = np.sqrt(eps) / np.sqrt(g2 + eps) * 1.0
+    g2b = rho * g2 + (1 - rho) * 9.0
+    dx2 = np.sqrt((1 - rho) * dx1 ** 2 + eps) / np.sqrt(g2b + eps) * 3.0
+    assert _two_steps("adadelta", lr=1.0) == pytest.approx([-dx1, -dx2], rel=1e-4)
+    # RMSprop (rho 0.9, eps 1e-7): nu1 = 0.1, nu2 = 0.09 + 0.9.
+    assert _two_steps("rmsprop", lr=0.01) == pytest.approx(
+        [-0.01 / (np.sqrt(0.1) + 1e-7), -0.03 / (np.sqrt(0.99) + 1e-7)], rel=1e-5)
+
+
+def test_adamw_decays_kernels_only_on_real_model_params():
+    """Decoupled decay (lr * wd * w) on kernels, none on biases or batch-norm scales, with
+    the nnx.State of a real model."""
+    from flax import nnx
+
+    from fmnist_jax.models import create_model
+
+    params = nnx.state(create_model("cnn", features=(4,), dense=8, rngs=nnx.Rngs(0)),
+                       nnx.Param)
+    tx = make_optimizer("adamw", optax.constant_schedule(0.1), weight_decay=0.5)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)  # zero gradients: decay alone
+    for (path, update), p in zip(jax.tree.leaves_with_path(updates), jax.tree.leaves(params)):
+        expected = -0.1 * 0.5 * p if p.ndim > 1 else jnp.zeros_like(p)
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=str(path))
+    assert sum(p.ndim > 1 for p in jax.tree.leaves(params)) == 3  # conv, dense, head kernels
+
+
 def test_sgd_step_is_exact():
     params = {"w": jnp.array([[2.0]])}
     grads = {"w": jnp.array([[1.0]])}

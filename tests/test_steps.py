@@ -11,7 +11,8 @@ from flax import nnx
 
 from fmnist_jax.models import create_model
 from fmnist_jax.steps import (PIXEL_MEAN, PIXEL_STD, create_train_state, cross_entropy,
-                              ema_decay_at, make_loss, make_steps, normalize)
+                              ema_decay_at, inference_variables, make_loss, make_steps,
+                              normalize)
 
 
 def test_sparse_and_categorical_losses_agree():
@@ -43,6 +44,16 @@ def test_normalize():
     out = normalize(jnp.array([0, 255], jnp.uint8))
     np.testing.assert_allclose(out, [-PIXEL_MEAN / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD],
                                rtol=1e-6)
+    # The constants themselves, written out: pixel mean 72.94 and std 90.02 (of 255).
+    assert (PIXEL_MEAN * 255, PIXEL_STD * 255) == pytest.approx((72.9404, 90.0212), abs=1e-4)
+
+
+def test_normalize_constants_are_the_training_sets(real_data_dir):
+    from fmnist_jax.data import load_dataset
+
+    train = normalize(load_dataset(str(real_data_dir), validation_size=0).train.images)
+    assert float(train.mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(train.std()) == pytest.approx(1.0, abs=1e-4)
 
 
 def _setup(name="cnn", tx=None):
@@ -88,15 +99,32 @@ def test_dropout_key_depends_on_step():
     assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(b.params)[0])
 
 
-def test_eval_step_masks_padding():
+def test_eval_batches_equal_single_batches_and_pad_nothing_real():
+    from fmnist_jax.input_pipeline import batched, unbatched
+
     _, state, steps = _setup()
-    batch = _batch(8)
-    full = steps.eval_step(state, batch)
-    masked = steps.eval_step(state, {**batch, "mask": jnp.array([1.0] * 5 + [0.0] * 3)})
-    first5 = steps.eval_step(state, {k: v[:5] for k, v in batch.items()})
-    assert float(full["count"]) == 8 and float(masked["count"]) == 5
-    np.testing.assert_allclose(masked["loss"], first5["loss"], rtol=1e-5)
-    assert float(masked["correct"]) == float(first5["correct"])
+    variables = inference_variables(state)
+    images = np.asarray(_batch(25)["image"])
+    whole = np.asarray(steps.eval_step(variables, images))
+    assert whole.shape == (25, 10) and whole.dtype == np.float32
+    padded = batched(images, 8)  # 4 batches, the last with 7 black images
+    assert padded.shape == (4, 8, 28, 28, 1) and not padded[3, 1:].any()
+    logits = unbatched(steps.eval_batches(variables, padded), 25)
+    np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(  # the same batch, alone or among others: same bits
+        logits[8:16], np.asarray(steps.eval_batches(variables, padded[1:2]))[0])
+
+
+def test_classification_metrics():
+    from fmnist_jax.metrics import classification
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]]))
+    got = classification(logits, np.array([0, 1, 2]))
+    assert got["count"] == 3 and got["accuracy"] == pytest.approx(1 / 3)
+    assert got["loss"] == pytest.approx(-(np.log(0.7) + np.log(0.3) + np.log(0.1)) / 3,
+                                        rel=1e-12)
+    big = np.array([[1000.0, 0.0]])  # no overflow
+    assert classification(big, np.array([1]))["loss"] == pytest.approx(1000.0)
 
 
 def test_scan_equals_single_steps():
@@ -127,9 +155,10 @@ def test_bfloat16_compute_keeps_float32_state():
     assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
     for leaf in jax.tree.leaves((s16.params, s16.model_state, s16.opt_state)):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
-    logits = bf16.predict(s16, batch["image"])
+    logits = bf16.eval_step(inference_variables(s16), batch["image"])
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(logits, f32.predict(s16, batch["image"]), atol=0.1)
+    np.testing.assert_allclose(logits, f32.eval_step(inference_variables(s16), batch["image"]),
+                               atol=0.1)
 
 
 def test_ema_decay_schedule():
@@ -152,11 +181,9 @@ def test_ema_moves_and_is_what_evaluation_uses():
                                    atol=1e-7)
     for _ in range(5):
         state, _ = steps.train_step(state, _batch())
-    batch = {**_batch(), "mask": jnp.ones(32)}
-    with_ema = steps.eval_step(state, batch)
-    swapped = state.replace(params=state.ema["params"], model_state=state.ema["model_state"],
-                            ema=None)
-    np.testing.assert_allclose(with_ema["loss"], steps.eval_step(swapped, batch)["loss"],
-                               rtol=1e-6)
-    live = steps.eval_step(state.replace(ema=None), batch)
-    assert float(live["loss"]) != float(with_ema["loss"])
+    images = _batch()["image"]
+    assert inference_variables(state) is state.ema
+    with_ema = np.asarray(steps.eval_step(inference_variables(state), images))
+    np.testing.assert_array_equal(with_ema, steps.eval_step(state.ema, images))
+    live = steps.eval_step(inference_variables(state.replace(ema=None)), images)
+    assert not np.allclose(live, with_ema)

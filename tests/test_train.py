@@ -14,7 +14,7 @@ from flax import nnx
 import fmnist_jax
 from fmnist_jax import Config, fit, preset
 from fmnist_jax.errors import UserError
-from fmnist_jax.metrics import read_jsonl
+from fmnist_jax.files import read_jsonl
 
 QUICK = dict(progress=False, eval_batch_size=100, steps_per_dispatch=7)
 
@@ -49,7 +49,7 @@ def test_writes_config_metrics_and_summary(tmp_path):
                 "train_images_per_s", "num_params", "model", "jax_backend"):
         assert key in summary, key
     assert summary["epochs"] == 3 and summary["test_count"] == 256
-    assert summary["jax_backend"] == "cpu" and summary["model"] == "mlp"
+    assert summary["jax_backend"] == jax.default_backend() and summary["model"] == "mlp"
     assert summary["test_accuracy"] > 0.9  # the synthetic classes are easy
 
 
@@ -69,23 +69,34 @@ def test_resnet_preset_trains_with_every_augmentation():
     """The resnet preset's step (crop, flip, erasing, label smoothing, EMA) on a small
     ResNet. Flipping before erasing once made XLA:CPU compile this step for over 5 minutes;
     the suite would hang here."""
-    config = preset("resnet", features=(8, 16), blocks=1, epochs=1, batch_size=32, **QUICK)
+    config = preset("resnet", features=(8, 16), blocks=1, epochs=2, batch_size=32, **QUICK)
     result = fit(config, data=tiny_dataset())
-    assert result.summary["steps"] == len(tiny_dataset().train.labels) // 32
-    assert np.isfinite(result.summary["test_loss"])
+    assert result.summary["steps"] == 2 * (len(tiny_dataset().train.labels) // 32)
+    assert result.summary["test_accuracy"] > 0.3  # ten classes: chance is 0.1 (40% seen)
+    plain = fit(config.replace(random_crop=0, random_flip=False, random_erasing=0.0),
+                data=tiny_dataset())
+    assert plain.history[0]["train_loss"] != result.history[0]["train_loss"]  # it augmented
 
 
 def test_early_stopping_restores_the_best_epoch():
     # A learning rate so high that the validation loss wanders up and down.
     config = Config(model="mlp", epochs=10, patience=2, monitor="val_loss",
                     learning_rate=0.05, schedule="constant", **QUICK)
-    result = fit(config, data=tiny_dataset())
+    data = tiny_dataset()
+    result = fit(config, data=data)
     losses = [r["val_loss"] for r in result.history]
     best = losses.index(min(losses))
     assert len(result.history) < 10  # it did stop early
     assert result.summary["best_epoch"] == best + 1
     assert result.summary["epochs"] == best + 1 + 2
-    assert result.summary["val_loss"] == pytest.approx(losses[best], rel=1e-6)
+    # The returned weights are the best epoch's: evaluated again, they give its validation
+    # loss exactly, and the summary's test figures are theirs.
+    assert int(result.state.step) == result.history[best]["step"]
+    assert result.summary["checkpoint_step"] == result.history[best]["step"]
+    assert result.summary["steps"] == result.history[-1]["step"] > result.history[best]["step"]
+    assert result.classifier.evaluate(*data.validation)["loss"] == losses[best]
+    assert result.classifier.evaluate(*data.test)["accuracy"] == \
+        result.summary["test_accuracy"]
 
 
 def test_bad_batch_size():
@@ -111,15 +122,23 @@ def test_custom_experiment_as_in_the_readme():
                             optax.inject_hyperparams(optax.lion)(learning_rate=3e-4))
     loss_fn = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(  # noqa
         logits, labels)
+    data = tiny_dataset()
     result = fmnist_jax.fit(Config(epochs=3, batch_size=64, **QUICK),
                             model=TinyNet(nnx.Rngs(0)), optimizer=optimizer, loss_fn=loss_fn,
-                            data=tiny_dataset())
+                            data=data)
     assert result.summary["model"] == "TinyNet"
     assert result.summary["num_params"] == 784 * 64 + 64 + 650
     assert result.history[0]["learning_rate"] == pytest.approx(3e-4)  # via inject_hyperparams
     assert result.summary["test_accuracy"] > 0.9
-    probs = jax.nn.softmax(result.model(tiny_dataset().test.images[:4] / 255.0))
-    assert probs.shape == (4, 10)
+    # result.predict takes raw pixels and gives the summary's test accuracy, exactly.
+    probs = result.predict(data.test.images)
+    assert probs.shape == (256, 10)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert (probs.argmax(-1) == data.test.labels).mean() == result.summary["test_accuracy"]
+    np.testing.assert_array_equal(result.predict(data.test.images[:5].astype(np.float32)),
+                                  probs[:5])  # 0-255 floats: the same
+    with pytest.raises(UserError, match="pixel values lie in 0-1"):
+        result.predict(data.test.images[:5] / 255.0)
 
 
 def test_tfds_stream_without_tensorflow():
@@ -141,7 +160,7 @@ def test_stream_producer_ends_when_the_consumer_stops():
 
     from fmnist_jax.input_pipeline import TfdsStream
 
-    fake = types.SimpleNamespace(devices=types.SimpleNamespace(shard_batch=lambda b: b))
+    fake = types.SimpleNamespace(devices=types.SimpleNamespace(shard_batch=lambda b, axis: b))
     produced = []
 
     def endless():

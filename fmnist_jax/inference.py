@@ -1,0 +1,173 @@
+"""A trained model, ready to classify raw images: :class:`Classifier` and :func:`load_model`.
+
+**The run's model** is the one rule every tool follows: the weights the run's
+``summary.json`` measured its test accuracy with. That is the state at the end of training,
+or the best epoch's by ``--monitor`` when early stopping (``--patience``) is on, and in either
+case its moving average of the weights when ``--ema_decay`` > 0. ``fit`` returns it
+(``Result.classifier``), and ``load_model(workdir)``, ``fmnist-evaluate`` and
+``fmnist-predict`` load it from the checkpoint of that step (``summary.json``'s
+``checkpoint_step``). Another checkpoint is used only when asked for by step or as the best
+by validation; a run that has not finished yet offers its latest checkpoint.
+
+A :class:`Classifier` takes uint8 images (or floats from 0 to 255), ``(N, 28, 28)`` or
+``(N, 28, 28, 1)``, and normalises them itself. It runs the very program of the run's own
+evaluations (:func:`fmnist_jax.steps.eval_batches`, batches of the run's
+``--eval_batch_size``), so its logits, and the loss and accuracy computed from them, are
+those of ``summary.json`` to the last digit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fmnist_jax.checkpoints import Checkpoints
+from fmnist_jax.config import Config
+from fmnist_jax.errors import UserError
+from fmnist_jax.input_pipeline import batched, unbatched
+from fmnist_jax.metrics import classification
+from fmnist_jax.models import create_model
+from fmnist_jax.steps import make_eval_steps
+
+
+@dataclasses.dataclass
+class Classifier:
+    """A model's graph and inference weights, with the jitted program that runs them."""
+
+    graphdef: nnx.GraphDef
+    variables: dict  # {"params", "model_state"}: the weights the run reports
+    batch_size: int = 100  # images per evaluation step: the run's --eval_batch_size
+    dtype: str = "float32"
+    step: int | None = None  # the checkpoint's step, when loaded from one
+    description: str = ""  # which weights these are, in words
+
+    @functools.cached_property
+    def _eval_batches(self):
+        return make_eval_steps(self.graphdef, jnp.dtype(self.dtype)).eval_batches
+
+    @property
+    def model(self) -> nnx.Module:
+        """The trained ``nnx.Module`` (a copy of the weights)."""
+        return nnx.merge(self.graphdef, self.variables["params"],
+                         self.variables["model_state"], copy=True)
+
+    def logits(self, images) -> np.ndarray:
+        """float32 logits ``(N, 10)`` for images ``(N, 28, 28)`` or ``(N, 28, 28, 1)``,
+        uint8 or 0-255 floats."""
+        images = as_pixels(images)
+        if len(images) == 0:
+            return np.zeros((0, 10), np.float32)
+        return unbatched(self._eval_batches(self.variables, batched(images, self.batch_size)),
+                         len(images))
+
+    def predict(self, images) -> np.ndarray:
+        """Class probabilities ``(N, 10)`` (see :meth:`logits` for the input)."""
+        return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+
+    def evaluate(self, images, labels) -> dict:
+        """Loss, accuracy and count, as the run computes them."""
+        return classification(self.logits(images), labels)
+
+
+def as_pixels(images) -> np.ndarray:
+    """Images as ``(N, 28, 28, 1)`` pixels from 0 to 255 (uint8 kept as it is)."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != (28, 28, 1):
+        raise UserError(f"images must be (N, 28, 28) or (N, 28, 28, 1), got "
+                        f"{images.shape[:-1] if images.ndim == 4 else images.shape}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.number) or np.issubdtype(images.dtype,
+                                                                   np.complexfloating):
+        raise UserError(f"images must be uint8 or 0-255 numbers, got dtype {images.dtype}")
+    images = images.astype(np.float32)
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise UserError(f"pixel values must lie in 0-255, got {images.min():g} to "
+                        f"{images.max():g}")
+    if images.size and 0 < images.max() <= 1:
+        raise UserError("pixel values lie in 0-1: pass 0-255 values (e.g. images * 255) or "
+                        "uint8 images; the model normalises them itself")
+    return images
+
+
+def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: bool = False,
+               model: nnx.Module | None = None) -> Classifier:
+    """The run's model from ``workdir`` (see the module docstring), or the checkpoint of
+    ``step``, or with ``best`` the best by the run's ``--monitor``.
+
+    Models named by the run's config are rebuilt from it; a run that trained a module of
+    your own needs it passed as ``model`` (untrained is fine: only its structure is used).
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir={workdir} does not exist")
+    config, summary = _read_run(workdir)
+    ckpt = Checkpoints(workdir, monitor=config.monitor, read_only=True)
+    try:
+        chosen, description = _choose_step(ckpt, summary, step, best, config.monitor)
+        meta = ckpt.read_meta(chosen)
+        custom = meta.get("custom_model")
+        if model is None and custom:
+            raise UserError(f"{workdir} was trained with a model of your own ({custom}); "
+                            "pass it: load_model(workdir, model=...)")
+        if model is None:
+            model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs())
+        graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+        template = {"params": params, "model_state": model_state}
+        part = "ema" if config.ema_decay > 0 else None
+        restored, _ = ckpt.restore(chosen, {part: template} if part else template,
+                                   partial=True)
+    finally:
+        ckpt.manager.close()
+    variables = restored[part] if part else restored
+    return Classifier(graphdef, variables, config.eval_batch_size, config.dtype, chosen,
+                      description)
+
+
+def _read_run(workdir: Path) -> tuple[Config, dict | None]:
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} holds no config.json: not the workdir of a training run")
+    config = Config.from_dict(json.loads(path.read_text()))
+    summary_path = workdir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return config, summary
+
+
+def _choose_step(ckpt: Checkpoints, summary: dict | None, step: int | None, best: bool,
+                 monitor: str) -> tuple[int, str]:
+    steps = ckpt.steps()
+    if not steps:
+        raise UserError(f"{ckpt.directory} holds no checkpoint yet")
+    if step is not None and best:
+        raise UserError("give --step or --best, not both")
+    if step is not None:
+        if step not in steps:
+            raise UserError(f"--step={step} is not in {ckpt.directory}; it holds steps "
+                            f"{', '.join(map(str, steps))}")
+        return step, f"the checkpoint of step {step} (asked for)"
+    if best:
+        found = ckpt.best_step()
+        if found is None:
+            raise UserError(f"{ckpt.directory} has no checkpoint with validation metrics "
+                            "(was --validation_size=0?); use --step")
+        return found, f"the best checkpoint by {monitor} (step {found}; asked for)"
+    if summary is not None and summary.get("checkpoint_step") in steps:
+        found = summary["checkpoint_step"]
+        return found, f"the run's model (step {found}, as in summary.json)"
+    if summary is not None:
+        raise UserError(f"the checkpoint of the run's model (step "
+                        f"{summary.get('checkpoint_step')}) is no longer in "
+                        f"{ckpt.directory}; choose one with --step or --best")
+    return steps[-1], (f"the latest checkpoint (step {steps[-1]}): the run has not "
+                       "finished, so it has no summary.json yet")
