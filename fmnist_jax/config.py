@@ -125,7 +125,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
+        """The config of ``to_dict`` (or of a config.json, whose ``custom`` entry, naming
+        the model, optimizer or loss given to ``fit`` in place of the config's, is
+        ignored)."""
         names = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k != "custom"}  # config.json's note
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise UserError(f"unknown config field(s): {', '.join(unknown)}")

@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fmnist_jax import adapt
 from fmnist_jax.checkpoints import Checkpoints
 from fmnist_jax.config import Config
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import batched, unbatched
 from fmnist_jax.metrics import classification
 from fmnist_jax.models import create_model
-from fmnist_jax.steps import make_eval_steps
+from fmnist_jax.steps import make_eval_steps, split_model
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class Classifier:
     """A model's graph and inference weights, with the jitted program that runs them."""
 
     graphdef: nnx.GraphDef
-    variables: dict  # {"params", "model_state"}: the weights the run reports
+    variables: dict  # {"params", "model_state", "rngs"}: the weights the run reports
     batch_size: int = 100  # images per evaluation step: the run's --eval_batch_size
     dtype: str = "float32"
     step: int | None = None  # the checkpoint's step, when loaded from one
@@ -55,9 +56,11 @@ class Classifier:
 
     @property
     def model(self) -> nnx.Module:
-        """The trained ``nnx.Module`` (a copy of the weights)."""
-        return nnx.merge(self.graphdef, self.variables["params"],
-                         self.variables["model_state"], copy=True)
+        """The trained ``nnx.Module``, in eval mode (a copy of the weights)."""
+        model = nnx.merge(self.graphdef, self.variables["params"], self.variables["rngs"],
+                          self.variables["model_state"], copy=True)
+        model.eval()
+        return model
 
     def logits(self, images) -> np.ndarray:
         """float32 logits ``(N, 10)`` for images ``(N, 28, 28)`` or ``(N, 28, 28, 1)``,
@@ -111,37 +114,39 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UserError(f"--workdir={workdir} does not exist")
-    config, summary = _read_run(workdir)
+    config, custom, summary = _read_run(workdir)
+    if model is None and "model" in custom:
+        raise UserError(f"{workdir} was trained with a model of your own ({custom['model']}); "
+                        "pass it: load_model(workdir, model=...)")
+    if model is None:
+        model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs())
+    else:
+        model = adapt.prepare(model, np.zeros((2, 28, 28, 1), np.float32), nnx.Rngs(0))
+    graphdef, params, rngs, model_state = split_model(model)
+    template = {"params": params, "model_state": model_state}
     ckpt = Checkpoints(workdir, monitor=config.monitor, read_only=True)
     try:
         chosen, description = _choose_step(ckpt, summary, step, best, config.monitor)
-        meta = ckpt.read_meta(chosen)
-        custom = meta.get("custom_model")
-        if model is None and custom:
-            raise UserError(f"{workdir} was trained with a model of your own ({custom}); "
-                            "pass it: load_model(workdir, model=...)")
-        if model is None:
-            model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs())
-        graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-        template = {"params": params, "model_state": model_state}
         part = "ema" if config.ema_decay > 0 else None
         restored, _ = ckpt.restore(chosen, {part: template} if part else template,
                                    partial=True)
     finally:
         ckpt.manager.close()
-    variables = restored[part] if part else restored
+    variables = {**(restored[part] if part else restored), "rngs": rngs}
     return Classifier(graphdef, variables, config.eval_batch_size, config.dtype, chosen,
                       description)
 
 
-def _read_run(workdir: Path) -> tuple[Config, dict | None]:
+def _read_run(workdir: Path) -> tuple[Config, dict, dict | None]:
+    """The run's config, what it trained in place of the config's (``custom``), and its
+    summary if it has finished."""
     path = workdir / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} holds no config.json: not the workdir of a training run")
-    config = Config.from_dict(json.loads(path.read_text()))
+    values = json.loads(path.read_text())
     summary_path = workdir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return config, summary
+    return Config.from_dict(values), values.get("custom", {}), summary
 
 
 def _choose_step(ckpt: Checkpoints, summary: dict | None, step: int | None, best: bool,

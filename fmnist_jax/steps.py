@@ -10,7 +10,9 @@ A training batch is ``{"image": uint8 (B, 28, 28, 1), "label": int32 (B,)}``. Im
 normalised inside the steps, so batches stay uint8 (4x less memory and host-to-device
 traffic than float32). Evaluation returns logits; loss and accuracy are computed from them
 on the host (:mod:`fmnist_jax.metrics`), the same way for every caller.
-Dropout keys are ``fold_in(state.rng, state.step)``: the same seed gives the same run.
+The model is any ``nnx.Module`` called as ``model(x)`` whose modes are set the Flax way
+(``model.train()`` / ``model.eval()``); dropout keys come from its own ``nnx.Rngs`` streams,
+kept in the state: the same seed gives the same run, and a resumed run the same bits.
 """
 
 from __future__ import annotations
@@ -39,21 +41,30 @@ class TrainState:
 
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: nnx.State  # the model's nnx.Param variables
-    model_state: nnx.State  # every other variable (batch-norm statistics, ...)
+    model_state: nnx.State  # its other variables but the RNG streams (batch statistics, ...)
+    rngs: nnx.State  # the model's nnx.Rngs streams (dropout keys and counts)
     opt_state: optax.OptState
-    rng: jax.Array  # base key for dropout; step key = fold_in(rng, step)
+    rng: jax.Array  # base key for augmentation; step key = fold_in(rng, step)
     # Exponential moving averages of ``params`` and ``model_state`` (``{"params": ...,
     # "model_state": ...}``), or None. When present, evaluation and prediction use them.
     ema: dict | None = None
 
 
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """``(graphdef, params, rngs, model_state)``: the parameters, the RNG streams, and every
+    other variable."""
+    return nnx.split(model, nnx.Param, nnx.RngState, ...)
+
+
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
                        rng: jax.Array, *, ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """Splits ``model`` into its graph definition and a fresh :class:`TrainState` (with
-    moving averages of the weights when ``ema``)."""
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    moving averages of the weights when ``ema``). The state holds copies of the module's
+    arrays: training donates its buffers, and ``model`` stays usable."""
+    graphdef, params, rngs, model_state = split_model(model)
+    params, rngs, model_state = jax.tree.map(jnp.copy, (params, rngs, model_state))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                       opt_state=tx.init(params), rng=rng,
+                       rngs=rngs, opt_state=tx.init(params), rng=rng,
                        ema=jax.tree.map(jnp.copy, {"params": params, "model_state": model_state})
                        if ema else None)  # copies: donating the state donates each buffer once
     return graphdef, state
@@ -66,18 +77,19 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def _update_ema(ema: dict, params, model_state, decay: jax.Array) -> dict:
-    new = {"params": params, "model_state": model_state}
-    return jax.tree.map(lambda avg, x: avg + (1.0 - decay) * (x - avg)
+def _update_ema(ema: dict, new: dict, decay: jax.Array) -> dict:
+    """``optax.incremental_update`` of the floating-point variables (other leaves follow the
+    model)."""
+    return jax.tree.map(lambda avg, x: optax.incremental_update(x, avg, 1.0 - decay)
                         if jnp.issubdtype(x.dtype, jnp.floating) else x, ema, new)
 
 
 def inference_variables(state: TrainState) -> dict:
-    """The weights to evaluate and predict with, ``{"params", "model_state"}``: the moving
-    averages when the state keeps them."""
-    if state.ema is not None:
-        return state.ema
-    return {"params": state.params, "model_state": state.model_state}
+    """The variables to evaluate and predict with, ``{"params", "model_state", "rngs"}``:
+    the moving averages of the weights when the state keeps them."""
+    weights = state.ema if state.ema is not None else {
+        "params": state.params, "model_state": state.model_state}
+    return {**weights, "rngs": state.rngs}
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -115,10 +127,11 @@ def _cast(tree, dtype):
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _merge(graphdef, params, model_state, dtype):
+def _merge(graphdef, variables: dict, dtype) -> nnx.Module:
     """The model with its parameters in the compute dtype (the master copies stay float32).
     Batch-norm statistics stay float32, as mixed precision wants them."""
-    return nnx.merge(graphdef, _cast(params, dtype), model_state, copy=True)
+    return nnx.merge(graphdef, _cast(variables["params"], dtype), variables["rngs"],
+                     variables["model_state"], copy=True)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
@@ -127,51 +140,57 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                augment: Callable | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. Returns the new state and the batch's mean loss and accuracy.
 
-    ``dtype`` is the compute dtype (``jnp.bfloat16`` on TPU/GPU): the forward and backward
-    passes run in it, while parameters, optimizer state and the loss stay float32. When the
-    state keeps moving averages, they move with weight :func:`ema_decay_at`. ``augment``
-    (an :class:`fmnist_jax.augment.Augment`) transforms the float pixels with the key
-    ``fold_in(dropout_key, 1)``.
+    The model runs in training mode (``model.train()``), as ``model(images)``; dropout
+    draws from the model's own RNG streams, which advance in the state. ``dtype`` is the
+    compute dtype (``jnp.bfloat16`` on TPU/GPU): the forward and backward passes run in it,
+    while parameters, optimizer state and the loss stay float32. When the state keeps
+    moving averages, they move with weight :func:`ema_decay_at`. ``augment`` (an
+    :class:`fmnist_jax.augment.Augment`) transforms the float pixels with the key
+    ``fold_in(state.rng, state.step)``.
     """
-    dropout_key = jax.random.fold_in(state.rng, state.step)
     images = batch["image"].astype(jnp.float32)
     if augment:
-        images = augment(images, jax.random.fold_in(dropout_key, 1))
+        images = augment(images, jax.random.fold_in(state.rng, state.step))
     images = normalize(images).astype(dtype)
 
-    def objective(params, model_state):
-        model = _merge(graphdef, params, model_state, dtype)
-        logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
-        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    def objective(params, rngs, model_state):
+        model = _merge(graphdef, {"params": params, "rngs": rngs,
+                                  "model_state": model_state}, dtype)
+        model.train()
+        logits = model(images)
+        _, _, new_rngs, new_model_state = split_model(model)
         new_model_state = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                        new_model_state, model_state)
         loss = loss_fn(logits.astype(jnp.float32), batch["label"]).mean()
-        return loss, (logits, new_model_state)
+        return loss, (logits, new_rngs, new_model_state)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, state.model_state)
+    (loss, (logits, rngs, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, state.rngs, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     ema = state.ema
     if ema is not None:
-        ema = _update_ema(ema, params, model_state, ema_decay_at(state.step, ema_decay))
+        ema = _update_ema(ema, {"params": params, "model_state": model_state},
+                          ema_decay_at(state.step, ema_decay))
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, ema=ema)
+                              rngs=rngs, opt_state=opt_state, ema=ema)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
               dtype=jnp.float32) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
-    mode, with ``variables`` = ``{"params", "model_state"}`` (:func:`inference_variables`).
+    mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
+    (:func:`inference_variables`).
 
     Every evaluation of the library goes through this function: validation and test
     during training, ``fmnist-evaluate``, ``fmnist-predict`` and ``Result.predict``; loss
     and accuracy are computed from its logits (:func:`fmnist_jax.metrics.classification`).
     """
-    model = _merge(graphdef, variables["params"], variables["model_state"], dtype)
-    return model(normalize(images).astype(dtype), train=False).astype(jnp.float32)
+    model = _merge(graphdef, variables, dtype)
+    model.eval()
+    return model(normalize(images).astype(dtype)).astype(jnp.float32)
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fmnist_jax import files
+from fmnist_jax import adapt, files
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax.augment import Augment
 from fmnist_jax import parallel
@@ -47,7 +47,7 @@ from fmnist_jax.parallel import Devices
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state,
-                              inference_variables, make_loss, make_steps)
+                              inference_variables, make_loss, make_steps, normalize)
 
 
 class Preempted(UserError):
@@ -195,23 +195,34 @@ def _make_pipeline(config: Config, data: Dataset | None, data_key: jax.Array,
                           steps_per_dispatch=config.steps_per_dispatch, rng=data_key)
 
 
-def _initial_state(config: Config, optimizer, init_key, dropout_key,
-                   devices: Devices) -> tuple[nnx.GraphDef, TrainState]:
+def _initial_state(config: Config, optimizer, keys: dict, devices: Devices
+                   ) -> tuple[nnx.GraphDef, TrainState]:
     """The named model and its optimizer state, built by one compiled program (one
     compilation-cache lookup at start-up instead of dozens for eager ops) straight onto
     every device. The values are bitwise those of building them eagerly."""
     graphdefs = []
 
-    def build(init_key, dropout_key):
-        model = create_model(config.model, rngs=nnx.Rngs(params=init_key),
+    def build(keys):
+        model = create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
+                                                         dropout=keys["dropout"]),
                              **config.model_kwargs())
-        graphdef, state = create_train_state(model, optimizer, dropout_key,
+        graphdef, state = create_train_state(model, optimizer, keys["augment"],
                                              ema=config.ema_decay > 0)
         graphdefs.append(graphdef)  # static: recorded while tracing
         return state
 
-    state = jax.jit(build, out_shardings=devices.replicated)(init_key, dropout_key)
+    state = jax.jit(build, out_shardings=devices.replicated)(keys)
     return graphdefs[0], state
+
+
+def _user_state(model, config: Config, optimizer, keys: dict, sample: np.ndarray,
+                devices: Devices) -> tuple[nnx.GraphDef, TrainState]:
+    """A model of the caller's (NNX or Linen) and its optimizer state, on every device."""
+    work = adapt.prepare(model, normalize(sample),
+                         nnx.Rngs(params=keys["params"], dropout=keys["dropout"]))
+    graphdef, state = create_train_state(work, optimizer, keys["augment"],
+                                         ema=config.ema_decay > 0)
+    return graphdef, devices.replicate(state)
 
 
 def _learning_rate(schedule: Callable | None, state: TrainState) -> float | None:
@@ -226,11 +237,15 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
         data: Dataset | None = None, workdir: str | None = None) -> Result:
     """Trains and evaluates; returns the trained state, the history and a summary.
 
-    ``model``, ``optimizer`` and ``loss_fn`` replace the named ones of ``config``: any NNX
-    module called as ``model(x, train=..., rngs=...)``, any optax transformation, and any
-    ``loss_fn(logits, labels) -> per-example loss``. ``data`` replaces loading Fashion-MNIST.
-    ``workdir`` (default ``config.workdir``; empty writes nothing) receives the run's files
-    and checkpoints; if it holds checkpoints of the same run, training resumes from them.
+    ``model``, ``optimizer`` and ``loss_fn`` replace the named ones of ``config``: any
+    ``flax.nnx.Module`` called as ``model(x)`` with modes set by ``model.train()`` /
+    ``model.eval()`` (dropout keys from its own ``nnx.Rngs``), or a ``flax.linen.Module``
+    (:mod:`fmnist_jax.adapt`); any optax transformation; any ``loss_fn(logits, labels) ->
+    per-example loss``. Training works on a copy of an NNX ``model``, which at the end
+    receives the run's model (the weights the summary reports) in eval mode. ``data``
+    replaces loading Fashion-MNIST. ``workdir`` (default ``config.workdir``; empty writes
+    nothing) receives the run's files and checkpoints; if it holds checkpoints of the same
+    run, training resumes from them.
     """
     config.validate()
     if config.compilation_cache:
@@ -279,11 +294,15 @@ def _log(*args) -> None:
 def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices) -> Result:
     started = time.perf_counter()
     writes = out is not None and parallel.is_main_process()  # metrics files, plots
-    init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
+    keys = dict(zip(("params", "dropout", "augment", "data"),
+                    jax.random.split(jax.random.key(config.seed), 4)))
     with _StopOnSignal() as stop:
-        pipeline = _make_pipeline(config, data, data_key, devices)
+        pipeline = _make_pipeline(config, data, keys["data"], devices)
         steps_per_epoch = pipeline.steps_per_epoch
-        model_name = config.model if model is None else type(model).__name__
+        custom = {name: value for name, given, value in (
+            ("model", model, model is not None and adapt.describe(model)),
+            ("optimizer", optimizer, "custom"), ("loss", loss_fn, "custom")) if given is not None}
+        model_name = custom.get("model", config.model)
         schedule = None
         if optimizer is None:
             schedule = make_schedule(config.schedule, config.learning_rate,
@@ -295,21 +314,22 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                                        weight_decay=config.weight_decay,
                                        clip_grad_norm=config.clip_grad_norm)
         loss_fn = loss_fn or make_loss(config.loss, config.label_smoothing)
+        sample = pipeline.split("test").images[:2]
         if model is None:
-            graphdef, state = _initial_state(config, optimizer, init_key, dropout_key,
-                                             devices)
+            graphdef, state = _initial_state(config, optimizer, keys, devices)
         else:
-            graphdef, state = create_train_state(model, optimizer, dropout_key,
-                                                 ema=config.ema_decay > 0)
-            state = devices.replicate(state)
+            graphdef, state = _user_state(model, config, optimizer, keys, sample, devices)
+        adapt.check(graphdef, (state.params, state.rngs, state.model_state), normalize(sample))
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         steps = make_steps(graphdef, optimizer, loss_fn, replicated=devices.replicated,
                            dtype=jnp.dtype(config.dtype), ema_decay=config.ema_decay,
                            augment=Augment(config.random_crop, config.random_flip,
                                            config.random_erasing) or None)
 
-        _log(f"fmnist_jax: {model_name} ({num_params:,} parameters), {config.optimizer} "
-             f"lr {config.learning_rate:g} {config.schedule}, {config.epochs} epochs of "
+        trained_with = ("custom optimizer" if "optimizer" in custom else
+                        f"{config.optimizer} lr {config.learning_rate:g} {config.schedule}")
+        _log(f"fmnist_jax: {model_name} ({num_params:,} parameters), {trained_with}"
+             f"{', custom loss' if 'loss' in custom else ''}, {config.epochs} epochs of "
              f"{steps_per_epoch} steps x {config.batch_size}, on {devices.count} "
              f"{jax.default_backend()} device(s)" + (f"; writing to {out}" if out else ""))
         position, history, monitor = _Position(), [], _Monitor(config)
@@ -321,7 +341,8 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
             ckpt = Checkpoints(out, keep=config.keep_checkpoints, monitor=config.monitor)
             state, position, history = _resume(ckpt, state, config, monitor, steps_per_epoch)
         if writes:
-            files.write_json(out / "config.json", config.to_dict())
+            files.write_json(out / "config.json",
+                             {**config.to_dict(), **({"custom": custom} if custom else {})})
             files.write_jsonl(out / "metrics.jsonl", history)
             writers.append(metrics_lib.JsonlWriter(out / "metrics.jsonl", append=True))
             if config.tensorboard:
@@ -332,7 +353,6 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
                     "step_in_epoch": position.step_in_epoch, "loss_sum": position.loss_sum,
                     "accuracy_sum": position.accuracy_sum, "history": history,
                     "monitor": monitor.to_dict(), "stopped_early": position.stopped_early,
-                    "custom_model": None if model is None else model_name,
                     "wall_time_s": position.wall_time_s + time.perf_counter() - started}
 
         timings = {"training_starts_s": _process_age()}
@@ -412,6 +432,8 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
         test, test_logits = _evaluate(pipeline, state, "test", steps)
     summary = {
         "model": model_name,
+        "optimizer": custom.get("optimizer", config.optimizer),
+        "loss": custom.get("loss", config.loss),
         "num_params": num_params,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
@@ -448,6 +470,10 @@ def _fit(config, model, optimizer, loss_fn, data, out, devices: parallel.Devices
         files.write_json(out / "summary.json", summary)
         if config.plots and history:
             _write_plots(out, history, pipeline.split("test"), test_logits, model_name)
+    if isinstance(model, nnx.Module):  # the caller's module gets the run's model
+        variables = inference_variables(state)
+        nnx.update(model, variables["params"], variables["rngs"], variables["model_state"])
+        model.eval()
     return Result(state, graphdef, history, summary, steps, config)
 
 

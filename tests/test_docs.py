@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +68,37 @@ def test_every_flag_mentioned_exists():
         mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", text))
         unknown = sorted(f for f in mentioned if f not in flags)
         assert not unknown, f"{doc} mentions flags no command has: {unknown}"
+
+
+def _python_blocks(section: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_readme_library_models_train_to_their_accuracies(real_data_dir, monkeypatch):
+    """README "As a library": the tutorial CNN, the nnx.Sequential MLP and the Linen CNN,
+    run as written there (one epoch each on the real data, adamw 1e-3)."""
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(real_data_dir))
+    blocks = _python_blocks("As a library")
+    namespace: dict = {}
+    for block in blocks[1:]:  # the first one trains the named MLP for 5 epochs
+        exec(block, namespace)  # noqa: S102
+    results, test = namespace["results"], namespace["test"]
+    floors = {"tutorial_cnn": 0.86, "sequential_mlp": 0.83, "linen_cnn": 0.86}
+    for name, result in results.items():
+        summary = result.summary
+        assert summary["test_accuracy"] >= floors[name], (name, summary["test_accuracy"])
+        assert summary["model"] == type(namespace["models"][name]).__name__
+        assert summary["optimizer"] == "custom" and summary["epochs"] == 1
+        predicted = result.predict(test.images).argmax(-1)  # raw uint8 images
+        assert (predicted == test.labels).mean() == summary["test_accuracy"]  # exactly
+    assert namespace["probabilities"].shape == (5, 10)
+    # The modules passed to fit hold the run's model, in eval mode.
+    from fmnist_jax.steps import normalize
+
+    tutorial = namespace["models"]["tutorial_cnn"]
+    assert tutorial.dropout1.deterministic and tutorial.batch_norm1.use_running_average
+    logits = tutorial(normalize(test.images[:500]))
+    np.testing.assert_allclose(logits, results["tutorial_cnn"].classifier.logits(
+        test.images[:500]), rtol=1e-4, atol=1e-4)

@@ -419,10 +419,11 @@ def test_sigterm_during_evaluation_or_saving(where, monkeypatch, tmp_path):
                             signal.SIGTERM)
     else:  # from Orbax's commit thread, while epoch 1's checkpoint is being written
         original = ocp.handlers.JsonCheckpointHandler._save_fn
+        sent = []
 
-        async def save_fn(self, x, directory):
-            if "16.orbax-checkpoint-tmp" in str(directory):
-                os.kill(os.getpid(), signal.SIGTERM)
+        async def save_fn(self, x, directory):  # called for both JSON items: signal once
+            if "16.orbax-checkpoint-tmp" in str(directory) and not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
             return await original(self, x, directory)
 
         monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", save_fn)

@@ -90,12 +90,18 @@ def test_train_step_donates_the_state():
     assert jax.tree.leaves(old.params)[0].is_deleted()
 
 
-def test_dropout_key_depends_on_step():
-    # Same batch, same parameters, different steps: dropout masks differ, so the gradients
-    # (and the resulting parameters) differ.
+def test_dropout_keys_come_from_the_models_rng_streams():
+    """Each step draws its masks from the model's own RNG streams, kept in the state: the
+    same state gives the same step, bit for bit; the streams advance, so the same batch and
+    parameters with the next step's streams give other masks."""
     graphdef, state, steps = _setup("mlp", optax.sgd(0.1))
     a, _ = steps.train_step(jax.tree.map(jnp.copy, state), _batch())
-    b, _ = steps.train_step(jax.tree.map(jnp.copy, state.replace(step=jnp.int32(7))), _batch())
+    again, _ = steps.train_step(jax.tree.map(jnp.copy, state), _batch())
+    np.testing.assert_array_equal(jax.tree.leaves(a.params)[0], jax.tree.leaves(again.params)[0])
+    counts = lambda s: [int(x) for x in jax.tree.leaves(s.rngs) if x.dtype == jnp.uint32]  # noqa
+    assert all(n == m + 2 for n, m in zip(counts(a), counts(state)))  # two dropout calls
+    advanced = jax.tree.map(jnp.copy, state.replace(rngs=a.rngs))
+    b, _ = steps.train_step(advanced, _batch())
     assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(b.params)[0])
 
 
@@ -182,8 +188,11 @@ def test_ema_moves_and_is_what_evaluation_uses():
     for _ in range(5):
         state, _ = steps.train_step(state, _batch())
     images = _batch()["image"]
-    assert inference_variables(state) is state.ema
-    with_ema = np.asarray(steps.eval_step(inference_variables(state), images))
-    np.testing.assert_array_equal(with_ema, steps.eval_step(state.ema, images))
+    variables = inference_variables(state)
+    assert variables["params"] is state.ema["params"]
+    assert variables["model_state"] is state.ema["model_state"]
+    with_ema = np.asarray(steps.eval_step(variables, images))
+    np.testing.assert_array_equal(with_ema, steps.eval_step({**state.ema, "rngs": state.rngs},
+                                                            images))
     live = steps.eval_step(inference_variables(state.replace(ema=None)), images)
     assert not np.allclose(live, with_ema)

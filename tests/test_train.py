@@ -81,7 +81,7 @@ def test_resnet_preset_trains_with_every_augmentation():
 def test_early_stopping_restores_the_best_epoch():
     # A learning rate so high that the validation loss wanders up and down.
     config = Config(model="mlp", epochs=10, patience=2, monitor="val_loss",
-                    learning_rate=0.05, schedule="constant", **QUICK)
+                    learning_rate=0.1, schedule="constant", **QUICK)
     data = tiny_dataset()
     result = fit(config, data=data)
     losses = [r["val_loss"] for r in result.history]

@@ -1,0 +1,143 @@
+"""The per-platform kernels: on a CPU our formulations, elsewhere XLA's; each checked against
+the other, values and gradients (the CPU runs both: ``im2col_conv`` and ``_max_pool_cpu``
+are called directly, ``lax`` and ``nnx`` give the reference)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fmnist_jax import kernels
+from fmnist_jax.kernels import conv_general_dilated, im2col_conv, max_pool_2x2
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax(padding):
+    return lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                                     dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("kernel, padding", [((3, 3), "SAME"), ((3, 3), "VALID"),
+                                             ((5, 5), "SAME"), ((2, 2), "SAME"),
+                                             ((3, 2), "SAME"), ((3, 3), ((2, 0), (1, 3)))])
+def test_conv_equals_lax_values_and_gradients(kernel, padding):
+    x = jax.random.normal(jax.random.key(1), (2, 9, 8, 3))
+    k = jax.random.normal(jax.random.key(2), (*kernel, 3, 4))
+    ours = lambda x, k: conv_general_dilated(x, k, (1, 1), padding,  # noqa: E731
+                                             dimension_numbers=NHWC)
+    np.testing.assert_allclose(ours(x, k), _lax(padding)(x, k), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+    for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, k),
+                             jax.grad(loss(_lax(padding)), (0, 1))(x, k)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cpu_runs_im2col_and_other_convolutions_stay_native():
+    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    ours = lambda x, k: conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                             dimension_numbers=NHWC)
+    cpu = jax.jit(jax.grad(lambda x, k: ours(x, k).sum(), 1)).lower(x, k).as_text()
+    assert "dot_general" in cpu  # the kernel gradient as one matmul
+    for strides, dilation, groups in (((2, 2), None, 1), ((1, 1), (2, 2), 1),
+                                      ((1, 1), None, 3)):
+        kk = k if groups == 1 else jnp.ones((3, 3, 1, 3))
+        args = (x, kk, strides, "SAME")
+        kwargs = dict(rhs_dilation=dilation, dimension_numbers=NHWC,
+                      feature_group_count=groups)
+        np.testing.assert_array_equal(conv_general_dilated(*args, **kwargs),
+                                      jax.lax.conv_general_dilated(*args, **kwargs))
+        text = jax.jit(lambda x: conv_general_dilated(x, *args[1:], **kwargs)).lower(
+            x).as_text()
+        assert "convolution" in text and "dot_general" not in text
+
+
+@pytest.mark.parametrize("pads", [((1, 1), (1, 1)), ((0, 0), (0, 0))])
+def test_custom_gradient_equals_autodiff_of_the_same_slices(pads):
+    """The custom VJP against JAX's own gradient of the slices-and-matmul function, jitted,
+    at a width where the matmuls are blocked (16 -> 24 channels)."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (3, 12, 10, 16))
+    kernel = jax.random.normal(keys[1], (3, 3, 16, 24)) * 0.1
+    ho, wo = 12 + sum(pads[0]) - 2, 10 + sum(pads[1]) - 2
+    target = jax.random.normal(keys[2], (3, ho, wo, 24))
+
+    def slices(x, kernel):  # the plain formula, differentiated by JAX
+        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo] for i in range(3)
+                                   for j in range(3)], axis=-1)
+        return patches @ kernel.reshape(-1, 24)
+
+    loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)) * target)  # noqa: E731
+    ours = jax.jit(jax.value_and_grad(loss(lambda x, k: im2col_conv(x, k, pads)), (0, 1)))
+    ref = jax.jit(jax.value_and_grad(loss(slices), (0, 1)))
+    (v1, g1), (v2, g2) = ours(x, kernel), ref(x, kernel)
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_users_nnx_conv_gets_the_fast_kernel_with_flaxs_results():
+    """A user's nnx.Conv layers (default kernel) switched to ours: same outputs and
+    gradients as Flax's own, the strided one left alone."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+            self.b = nnx.Conv(8, 8, (3, 3), strides=2, rngs=rngs)
+            self.c = nnx.Conv(8, 4, (5, 5), padding="VALID", rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(nnx.relu(self.b(nnx.relu(self.a(x)))))
+
+    flax_net = Net(nnx.Rngs(0))
+    fast_net = nnx.clone(flax_net)
+    assert kernels.use_fast_convolutions(fast_net) == 3
+    assert fast_net.a.conv_general_dilated is conv_general_dilated
+    assert flax_net.a.conv_general_dilated is jax.lax.conv_general_dilated  # untouched
+    x = jax.random.normal(jax.random.key(3), (2, 28, 28, 1))
+    np.testing.assert_allclose(fast_net(x), flax_net(x), rtol=1e-5, atol=1e-5)
+
+    def grads(net):
+        graphdef, params = nnx.split(net)
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+
+    for g_fast, g_flax in zip(jax.tree.leaves(grads(fast_net)), jax.tree.leaves(grads(flax_net))):
+        np.testing.assert_allclose(g_fast, g_flax, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_equals_nnx(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    reference = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2),
+                                  padding="VALID")
+    np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+    np.testing.assert_array_equal(kernels._max_pool_cpu(x), reference(x))
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x),
+                               jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x))
+
+
+def test_avg_pool_equals_nnx():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 3))
+    np.testing.assert_allclose(kernels.avg_pool_2x2(x), nnx.avg_pool(
+        x, (2, 2), strides=(2, 2), padding="VALID"), rtol=1e-6)
+
+
+def test_max_pool_after_relu_has_autodiffs_gradient():
+    """With many all-zero windows (ReLU of mostly negative inputs), relu -> pool has
+    exactly the gradient of autodiff through the plain reshape-max."""
+    x = jax.random.normal(jax.random.key(1), (3, 8, 10, 4)) - 1.0
+    w = jax.random.normal(jax.random.key(2), (3, 4, 5, 4))
+
+    def plain(x):
+        n, h, wd, c = x.shape
+        return x.reshape(n, h // 2, 2, wd // 2, 2, c).max(axis=(2, 4))
+
+    ours = jax.grad(lambda x: jnp.sum(max_pool_2x2(jax.nn.relu(x)) * w))(x)
+    ref = jax.grad(lambda x: jnp.sum(plain(jax.nn.relu(x)) * w))(x)
+    assert float((plain(jax.nn.relu(x)) == 0).mean()) > 0.3  # ties are really there
+    np.testing.assert_array_equal(ours, ref)
