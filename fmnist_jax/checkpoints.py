@@ -15,6 +15,7 @@ kept, plus the best one by the monitored validation metric.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
@@ -102,6 +103,17 @@ class WorkdirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
 
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls, workdir: Path | None):
+        """The lock held for a block, by process 0 (no workdir: nothing to lock)."""
+        lock = cls(workdir) if workdir is not None and parallel.is_main_process() else None
+        try:
+            yield lock
+        finally:
+            if lock:
+                lock.release()
+
 
 class Checkpoints:
     """The checkpoints of one workdir: save, find the newest good one, restore."""
@@ -124,6 +136,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             best_fn=metric, best_mode="max", preservation_policy=None if read_only else policy,
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise UserError(f"{self.directory} does not exist: no checkpoints in this "
                             "workdir (train with --workdir first)")
@@ -191,8 +204,12 @@ class Checkpoints:
         item = (ocp.args.PyTreeRestore(
             abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True) if partial else ocp.args.StandardRestore(abstract))
+        # A manager that saved the state knows it as a StandardSave item, and refuses to
+        # read part of it: a partial restore reads through a read-only manager of its own.
+        manager = self.manager if self.read_only or not partial else ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
+            restored = manager.restore(step, args=ocp.args.Composite(
                 state=item, meta=ocp.args.JsonRestore()))
         except ValueError as e:
             if "do not match" in str(e) or "shape" in str(e).lower():
@@ -201,6 +218,9 @@ class Checkpoints:
                     f"{str(e).splitlines()[0]} Use --fresh to start over (the old "
                     "checkpoints are moved aside) or another --workdir") from None
             raise
+        finally:
+            if manager is not self.manager:
+                manager.close()
         return from_saveable(restored.state, template), restored.meta
 
     def restore_latest(self, template: TrainState, config: dict
@@ -284,6 +304,72 @@ def _unused(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+class Checkpointer:
+    """A run's checkpoint policy, as a loop hook: a checkpoint at the end of every epoch (with
+    its validation metrics, for ranking), every ``--checkpoint_every_steps`` steps at the
+    next dispatch boundary, and at once when the loop is stopping; each holds the state and
+    the metadata of where training stands (``event.progress.to_meta``)."""
+
+    def __init__(self, workdir: Path, config, started: float):
+        self.checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
+                                       monitor=config.monitor)
+        self.config = config.to_dict()
+        self.every = config.checkpoint_every_steps
+        self.started = started
+        self.last_saved = -1
+
+    def resume(self, template: TrainState) -> tuple[TrainState, dict] | None:
+        """The newest checkpoint's state and metadata, or None (see
+        :meth:`Checkpoints.restore_latest`)."""
+        restored = self.checkpoints.restore_latest(template, self.config)
+        if restored is not None:
+            self.last_saved = int(restored[0].step)
+        return restored
+
+    def restore_variables(self, step: int, template: dict) -> dict:
+        """The inference variables (``{"params", "model_state"}``, or their moving averages
+        with ``ema``) of checkpoint ``step``."""
+        part = "ema" if self.config["ema_decay"] > 0 else None
+        restored, _ = self.checkpoints.restore(step, {part: template} if part else template,
+                                               partial=True)
+        return restored[part] if part else restored
+
+    def _save(self, event, metrics: dict | None = None) -> None:
+        meta = {"config": self.config, **event.progress.to_meta(self.started)}
+        self.checkpoints.save(event.state, meta, metrics=metrics)
+        self.last_saved = int(event.state.step)
+
+    def after_dispatch(self, event) -> None:
+        step = int(event.state.step)
+        due = self.every and step // self.every > self.last_saved // self.every
+        if event.stopping or (due and not event.at_epoch_end):  # epoch ends: saved anyway
+            self._save(event)
+        if event.stopping:
+            self.checkpoints.wait()
+
+    def after_epoch(self, event) -> None:
+        record = event.record
+        metrics = None if "val_accuracy" not in record else {
+            "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"],
+            "step": record["step"]}
+        self._save(event, metrics)
+        if event.stopping:
+            self.checkpoints.wait()
+
+    def set_aside_from(self, step: int) -> str:
+        """Sets aside every checkpoint from ``step`` on (their parameters gave a non-finite
+        loss); returns what is kept, in words."""
+        self.checkpoints.wait()
+        for bad in [s for s in self.checkpoints.steps() if s >= step]:
+            self.checkpoints.set_aside(bad, "nonfinite")
+        saved = self.checkpoints.steps()
+        return (f"the last good checkpoint (step {saved[-1]}) is kept in "
+                f"{self.checkpoints.directory}" if saved else "no checkpoint had been saved yet")
+
+    def close(self) -> None:
+        self.checkpoints.close()
 
 
 def check_compatible(saved: dict, current: dict, where: Path) -> None:

@@ -1,29 +1,28 @@
 """Getting batches to the step functions: device-resident (default) or streamed from tfds.
 
-Both pipelines feed the same jitted steps of :mod:`fmnist_jax.steps` and share one
-interface: ``train_epoch(state, epoch, steps)`` yields ``(state, metric_sums, num_steps)`` as
-it goes (the sums carry ``first_nonfinite``, the first step with a NaN or infinite loss or
--1), ``evaluate(variables, split, steps)`` returns the logits of every image of a split on
-the host, and ``split(name)`` its images and labels.
+Both pipelines feed the same jitted scans of :mod:`fmnist_jax.steps`, ``steps_per_dispatch``
+steps per host call, in the same order semantics (a fresh permutation every epoch, full
+batches only), and share one interface: ``train_epoch(state, epoch, steps, start_step)``
+yields ``(state, per-step metrics, num_steps)`` after each dispatch,
+``evaluate(variables, split, steps)`` returns the logits of every image of a split on the
+host, and ``split(name)`` its images and labels.
 
 - :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
   are 43 MB). Every epoch draws a fresh permutation on the host (numpy: 0.1 ms, against 28 ms for
   ``jax.random.permutation``'s sort on XLA:CPU), sends the 220 KB of indices, and runs
   ``steps_per_dispatch`` steps per host call inside a jitted ``lax.scan`` that gathers its
   batches on the device, so the host is out of the loop.
-- :class:`TfdsStream`: reads ``fashion_mnist`` through ``tfds.data_source`` (random-access
-  ArrayRecord files; no TensorFlow needed once prepared) and streams batches from a
-  background thread that keeps two batches in flight to the device.
+- :class:`Streamed`: tfds's ``fashion_mnist`` through ``tfds.data_source`` (random-access
+  ArrayRecord files; no TensorFlow needed once prepared) and Grain (``MapDataset``: shuffle
+  reseeded per epoch, batches, per-process sharding, reading in threads ahead of the device),
+  as tfds documents for JAX.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmnist_jax.data import CLASS_NAMES, Split, find_files, load_arrays
@@ -68,7 +67,7 @@ class DeviceResident:
 
     def __init__(self, train: Split, evals: dict[str, Split | None], *, devices: Devices,
                  batch_size: int, eval_batch_size: int, steps_per_dispatch: int,
-                 rng: jax.Array):
+                 seed: list[int]):
         self.num_train = len(train.labels)
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
@@ -81,7 +80,7 @@ class DeviceResident:
                                         devices.sharded(axis=1))
                       for name, split in self.splits.items()}
         self.has_validation = "validation" in self.evals
-        self._seed = [int(w) for w in np.asarray(jax.random.key_data(rng)).ravel()]
+        self._seed = list(seed)
         self._devices = devices
 
     def epoch_order(self, epoch: int) -> jax.Array:
@@ -98,8 +97,8 @@ class DeviceResident:
         images, labels = self.train
         for start in range(start_step, self.steps_per_epoch, self.steps_per_dispatch):
             indices = order[start:start + self.steps_per_dispatch]
-            state, sums = steps.train_scan(state, images, labels, indices)
-            yield state, sums, indices.shape[0]
+            state, metrics = steps.train_scan(state, images, labels, indices)
+            yield state, metrics, indices.shape[0]
 
     def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
         """The logits ``(N, 10)`` of every image of ``split``, on the host."""
@@ -111,118 +110,109 @@ class DeviceResident:
         return self.splits[name]
 
 
-class TfdsStream:
-    """``fashion_mnist`` from tensorflow-datasets, streamed from the host with prefetch.
+class Streamed:
+    """A random-access source (tfds's ``fashion_mnist``) read through Grain, in the
+    default pipeline's order semantics: a fresh permutation each epoch (Grain's shuffle,
+    reseeded per epoch), full batches only (the tail that fills no batch is left out that
+    epoch), and ``steps_per_dispatch`` steps per host call, run by the same jitted scan.
 
-    The first ``validation_size`` examples of tfds's ``train`` split are the validation
-    split (tfds stores examples in its own shuffled order, so these are not the same images
-    as the IDX pipeline's validation split).
+    Grain's threads read and batch ahead (``prefetch`` chunks of steps). Every epoch is a
+    deterministic function of (seed, epoch), so training resumes exactly at any step: the
+    position is the epoch and the step within it. On several hosts each process reads and
+    feeds only its devices' part of every batch.
     """
 
-    def __init__(self, *, devices: Devices, batch_size: int, eval_batch_size: int,
-                 validation_size: int, seed: int, data_dir: str | None = None,
-                 manual_dir: str | None = None):
-        self.sources = load_tfds_sources(data_dir, manual_dir)
-        train = self.sources["train"]
+    def __init__(self, sources: dict, *, devices: Devices, batch_size: int,
+                 eval_batch_size: int, steps_per_dispatch: int, validation_size: int,
+                 seed: int, threads: int = 4, prefetch: int = 2):
+        import grain
+
+        train = sources["train"]
         if not 0 <= validation_size < len(train):
             raise UserError(f"--validation_size={validation_size} must be in "
                             f"[0, {len(train)}) (tfds train split size)")
-        self.train_index = np.arange(validation_size, len(train))
-        self.has_validation = validation_size > 0
-        self.split_index = {"validation": np.arange(validation_size),
-                            "test": np.arange(len(self.sources["test"]))}
-        self.num_train = len(self.train_index)
+        source = grain.MapDataset.source(train).map(_record)
+        self.training = source[validation_size:].shuffle(seed=seed).repeat()
+        self.num_train = len(train) - validation_size
         check_batch_size(batch_size, self.num_train, devices)
-        self.devices = devices
         self.batch_size = batch_size
-        self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.steps_per_epoch = self.num_train // batch_size
-        self.seed = seed
+        self.steps_per_dispatch = steps_per_dispatch
+        self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
+        self.sources = {"validation": source[:validation_size],
+                        "test": grain.MapDataset.source(sources["test"]).map(_record)}
+        self.has_validation = validation_size > 0
+        self.devices = devices
+        self.read_options = grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=prefetch)
         self._splits: dict[str, Split] = {}
 
-    @staticmethod
-    def _gather(source, index: np.ndarray) -> Split:
-        records = [source[int(i)] for i in index]
-        images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1)
-                           for r in records])
-        labels = np.asarray([r["label"] for r in records], np.int32)
-        return Split(images, labels)
-
-    def _stream(self, batches: Iterator, axis: int = 0) -> Iterator:
-        """Runs ``batches`` (this process's part of each) in a thread, two batches ahead,
-        already split over the devices."""
-        slots: queue.Queue = queue.Queue(maxsize=2)
-        done = object()
-        stop = threading.Event()
-
-        def put(item) -> bool:  # False once the consumer has gone (early stop, error)
-            while not stop.is_set():
-                try:
-                    slots.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            try:
-                for batch in batches:
-                    if not put(self.devices.shard_batch(batch, axis)):
-                        return
-                put(done)
-            except BaseException as e:  # re-raised in the consumer
-                put(e)
-
-        producer = threading.Thread(target=produce, daemon=True)
-        producer.start()
-        try:
-            while (item := slots.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            producer.join()
+    def _chunks(self, dataset, batch_size: int, steps: int):
+        """Grain iterator of ``(steps, batch)`` chunks of this process's part of each batch."""
+        mine = self.devices.local_slice(batch_size)
+        chunks = (dataset.batch(batch_size).map(lambda b: jax.tree.map(lambda x: x[mine], b))
+                  .batch(steps))
+        return iter(chunks.to_iter_dataset(self.read_options))
 
     def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
                     ) -> Iterator[tuple[TrainState, dict, int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.train_index)
-        source = self.sources["train"]
-
-        mine = self.devices.local_slice(self.batch_size)
-
-        def batches():
-            for step in range(start_step, self.steps_per_epoch):
-                batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-                images, labels = self._gather(source, batch[mine])
-                yield {"image": images, "label": labels}
-
-        for batch in self._stream(batches()):
-            state, metrics = steps.train_step(state, batch)  # donates the old state
-            bad = jnp.where(jnp.isfinite(metrics["loss"]), -1, state.step - 1)
-            yield state, {**metrics, "first_nonfinite": bad}, 1
+        first = (epoch - 1) * self.num_train
+        epoch_data = self.training[first + start_step * self.batch_size:
+                                   first + self.steps_per_epoch * self.batch_size]
+        chunks = self._chunks(epoch_data, self.batch_size, self.steps_per_dispatch)
+        try:
+            for chunk in chunks:
+                images, labels = (self.devices.shard_batch(chunk[k], axis=1)
+                                  for k in ("image", "label"))
+                state, metrics = steps.train_batches(state, images, labels)
+                yield state, metrics, int(chunk["label"].shape[0])
+        finally:
+            chunks.close()  # an epoch left half-read (early stop, error) stops Grain's threads
 
     def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
         """The logits ``(N, 10)`` of every image of ``split``, on the host."""
-        source = self.sources["train" if split == "validation" else "test"]
-        index = self.split_index[split]
-        mine = self.devices.local_slice(self.eval_batch_size)
-
-        def batches():
-            for start in range(0, len(index), self.eval_batch_size):
-                images, _ = self._gather(source, index[start:start + self.eval_batch_size])
-                yield batched(images, self.eval_batch_size)[:, mine]
-
-        return np.concatenate([
-            unbatched(steps.eval_batches(variables, images), self.eval_batch_size)
-            for images in self._stream(batches(), axis=1)])[:len(index)]
+        dataset = self.sources[split]
+        padded = _padded(dataset, self.eval_batch_size)
+        chunks = self._chunks(padded, self.eval_batch_size, self.steps_per_dispatch)
+        try:
+            logits = [unbatched(steps.eval_batches(
+                variables, self.devices.shard_batch(chunk["image"], axis=1)),
+                len(chunk["image"]) * self.eval_batch_size) for chunk in chunks]
+        finally:
+            chunks.close()
+        return np.concatenate(logits)[:len(dataset)]
 
     def split(self, name: str) -> Split:
         """The images and labels of an evaluation split, on the host (read once)."""
         if name not in self._splits:
-            source = self.sources["train" if name == "validation" else "test"]
-            self._splits[name] = self._gather(source, self.split_index[name])
+            records = list(self.sources[name].batch(max(len(self.sources[name]), 1)))
+            self._splits[name] = Split(records[0]["image"], records[0]["label"])
         return self._splits[name]
+
+
+def _record(example: dict) -> dict:
+    """A tfds example as arrays: uint8 image (28, 28, 1) and int32 label."""
+    return {"image": np.asarray(example["image"], np.uint8).reshape(28, 28, 1),
+            "label": np.int32(example["label"])}
+
+
+def _padded(dataset, batch_size: int):
+    """``dataset`` followed by black images labelled 0, up to a multiple of ``batch_size``."""
+    import grain
+
+    pad = -len(dataset) % batch_size
+    blank = {"image": np.zeros((28, 28, 1), np.uint8), "label": np.int32(0)}
+    return grain.MapDataset.concatenate([dataset, grain.MapDataset.range(pad).map(
+        lambda _: blank)]) if pad else dataset
+
+
+def load_tfds(config, devices: Devices, seed: int) -> Streamed:
+    """The :class:`Streamed` pipeline over tfds's ``fashion_mnist`` for ``config``."""
+    sources = load_tfds_sources(config.data_dir or None, local_idx_dir())
+    return Streamed(sources, devices=devices, batch_size=config.batch_size,
+                    eval_batch_size=config.eval_batch_size,
+                    steps_per_dispatch=config.steps_per_dispatch,
+                    validation_size=config.validation_size, seed=seed)
 
 
 def load_test_split(config, data_dir: str | None = None) -> Split:
@@ -231,7 +221,9 @@ def load_test_split(config, data_dir: str | None = None) -> Split:
     data_dir = data_dir or config.data_dir or None
     if config.data_source == "tfds":
         source = load_tfds_sources(data_dir, local_idx_dir())["test"]
-        return TfdsStream._gather(source, np.arange(len(source)))
+        records = [_record(source[i]) for i in range(len(source))]
+        return Split(np.stack([r["image"] for r in records]),
+                     np.array([r["label"] for r in records], np.int32))
     return Split(*load_arrays(data_dir)[1])
 
 

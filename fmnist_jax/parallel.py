@@ -156,6 +156,13 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def gather_scalar(value) -> np.ndarray:
+    """``value`` of every process, ``(processes,)``, on every process (a collective)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
 def is_main_process() -> bool:
     """Only process 0 prints, writes metrics and plots."""
     return jax.process_index() == 0

@@ -203,32 +203,35 @@ def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
                      indices: jax.Array, *, step_fn) -> tuple[TrainState, dict]:
-    """Runs ``step_fn`` over ``indices`` (steps, batch) of device-resident data in one scan.
+    """Runs ``step_fn`` over ``indices`` ``(steps, batch)`` into device-resident
+    ``images`` and ``labels``, gathering each batch on the device, in one scan. Returns the
+    state and each step's metrics, stacked ``(steps,)``."""
 
-    Batches are gathered on the device. Returns the state and the *sums* over the steps of
-    each metric that ``step_fn`` reports, plus ``first_nonfinite``: the first step whose
-    loss was NaN or infinite, or -1.
-    """
+    def body(state, idx):
+        return step_fn(state, {"image": images[idx], "label": labels[idx]})
 
-    def body(carry, idx):
-        state, sums, first_bad = carry
-        step = state.step
-        state, metrics = step_fn(state, {"image": images[idx], "label": labels[idx]})
-        bad = ~jnp.isfinite(metrics["loss"]) & (first_bad < 0)
-        return (state, jax.tree.map(jnp.add, sums, metrics),
-                jnp.where(bad, step, first_bad)), None
+    return jax.lax.scan(body, state, indices)
 
-    zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
-    (state, sums, first_bad), _ = jax.lax.scan(
-        body, (state, zeros, jnp.full((), -1, jnp.int32)), indices)
-    return state, {**sums, "first_nonfinite": first_bad}
+
+def scan_train_batches(state: TrainState, images: jax.Array, labels: jax.Array, *,
+                       step_fn) -> tuple[TrainState, dict]:
+    """Runs ``step_fn`` over batches ``(steps, batch, ...)`` in one scan; returns the state
+    and each step's metrics, stacked ``(steps,)``."""
+
+    def body(state, batch):
+        return step_fn(state, {"image": batch[0], "label": batch[1]})
+
+    return jax.lax.scan(body, state, (images, labels))
 
 
 class Steps(NamedTuple):
     """The jitted functions of one run, built by :func:`make_steps`."""
 
     train_step: Callable  # (state, batch) -> (state, metrics); donates the state
-    train_scan: Callable  # (state, images, labels, indices) -> (state, sums); donates
+    # (state, images, labels, indices) -> (state, per-step metrics); donates the state
+    train_scan: Callable
+    # (state, batched images, batched labels) -> (state, per-step metrics); donates
+    train_batches: Callable
     eval_step: Callable  # (variables, images) -> logits
     eval_batches: Callable  # (variables, batched images) -> batched logits
 
@@ -248,6 +251,8 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
         train_step=jax.jit(train, donate_argnums=0, **pinned),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train),
                            donate_argnums=0, **pinned),
+        train_batches=jax.jit(functools.partial(scan_train_batches, step_fn=train),
+                              donate_argnums=0, **pinned),
         **make_eval_steps(graphdef, dtype)._asdict(),
     )
 

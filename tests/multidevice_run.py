@@ -14,7 +14,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import fmnist_jax.train as train_lib
+from fmnist_jax.metrics import classification
+from fmnist_jax.report import Reporter
 from conftest import SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VAL, make_images
 from fmnist_jax import Classifier, Config, UserError, fit, parallel
 from fmnist_jax.data import Dataset, Split, split_validation
@@ -37,7 +38,7 @@ data = Dataset(train, validation, _split(SYNTHETIC_TEST, 1), source="generated")
 devices = parallel.setup()
 pipeline = DeviceResident(data.train, {"validation": data.validation}, devices=devices,
                           batch_size=128, eval_batch_size=1000, steps_per_dispatch=1,
-                          rng=jax.random.key(5))
+                          seed=[5])
 tx = optax.sgd(0.05)  # Adam would turn float noise in zero gradients into +-lr steps
 graphdef, state = create_train_state(create_model("cnn", rngs=nnx.Rngs(0), features=(8, 16)),
                                      tx, jax.random.key(1))
@@ -50,7 +51,7 @@ report["params_after_10_steps"] = np.concatenate(
     [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]).tolist()
 variables = inference_variables(state)
 logits = pipeline.evaluate(variables, "validation", steps)
-report["eval"] = train_lib.metrics_lib.classification(logits, data.validation.labels)
+report["eval"] = classification(logits, data.validation.labels)
 # The same weights on one device, one image at a time: the same logits.
 single = Classifier(graphdef, jax.device_get(variables), batch_size=1)
 report["eval_vs_one_by_one"] = float(np.abs(logits - single.logits(
@@ -62,9 +63,9 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: compiles.append(name)
     if name == "/jax/core/compile/backend_compile_duration" else None)
 marks = []
-print_epoch = train_lib._print_epoch
-train_lib._print_epoch = lambda record, epochs: (marks.append(len(compiles)),
-                                                 print_epoch(record, epochs))
+after_epoch = Reporter.after_epoch
+Reporter.after_epoch = lambda self, event: (marks.append(len(compiles)),
+                                            after_epoch(self, event))
 result = fit(Config(model="mlp", epochs=2, eval_batch_size=99, progress=False), data=data)
 report["compiles_at_epoch_ends"] = list(marks)
 report["history"] = result.history

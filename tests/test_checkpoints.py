@@ -173,3 +173,30 @@ def test_sigterm_checkpoints_and_says_how_to_resume(synthetic_dir, tmp_path, uni
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(tmp_path, uninterrupted)
+
+
+def _tfds_cli(workdir, *extra):
+    return [sys.executable, str(Path(__file__).parent / "mock_tfds.py"), "1000", *extra,
+            "fmnist_jax.train", "--data_source=tfds", "--model=mlp", "--hidden=32",
+            "--epochs=2", "--batch_size=16", "--validation_size=100",
+            "--steps_per_dispatch=4", "--checkpoint_every_steps=12", "--noprogress",
+            f"--workdir={workdir}"]
+
+
+def test_tfds_pipeline_resumes_bitwise_after_sigkill(tmp_path):
+    """The Grain pipeline over tfds: killed mid-epoch 2 right after a checkpoint, then
+    resumed, it ends as a run never interrupted (metrics, test figures, every array)."""
+    whole = subprocess.run(_tfds_cli(tmp_path / "whole"), capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    steps_per_epoch = (1000 - 100) // 16
+    killed = subprocess.run(_tfds_cli(tmp_path / "cut", "--kill_after_step=60"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    saved = _steps_saved(tmp_path / "cut")
+    assert saved[-1] == 60 and steps_per_epoch < 60 < 2 * steps_per_epoch  # mid-epoch 2
+    resumed = subprocess.run(_tfds_cli(tmp_path / "cut"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from checkpoint" in resumed.stdout and "epoch 2, step 4" in resumed.stdout
+    _assert_same_run(tmp_path / "cut", tmp_path / "whole")

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -403,7 +402,9 @@ def _signal_self_during(monkeypatch, target, name, signum=signal.SIGINT):
 
 
 def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, use_synthetic):
-    _signal_self_during(monkeypatch, train, "load_dataset")
+    from fmnist_jax import build
+
+    _signal_self_during(monkeypatch, build, "load_dataset")
     code, err = run_main(capsys, f"--workdir={tmp_path}", f"--validation_size={SYNTHETIC_VAL}")
     assert code == 130 and "interrupted by SIGINT outside the training loop" in err
     assert not (tmp_path / "checkpoints").exists() or not any(
@@ -412,7 +413,7 @@ def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, use_synthetic
 
 @pytest.mark.parametrize("where", ["evaluation", "saving"])
 def test_sigterm_during_evaluation_or_saving(where, monkeypatch, tmp_path):
-    from fmnist_jax import checkpoints, input_pipeline
+    from fmnist_jax import input_pipeline
 
     if where == "evaluation":
         _signal_self_during(monkeypatch, input_pipeline.DeviceResident, "evaluate",

@@ -89,9 +89,10 @@ def test_early_stopping_restores_the_best_epoch():
     assert len(result.history) < 10  # it did stop early
     assert result.summary["best_epoch"] == best + 1
     assert result.summary["epochs"] == best + 1 + 2
-    # The returned weights are the best epoch's: evaluated again, they give its validation
-    # loss exactly, and the summary's test figures are theirs.
-    assert int(result.state.step) == result.history[best]["step"]
+    # The run's model is the best epoch's weights: evaluated again, they give its
+    # validation loss exactly, and the summary's test figures are theirs. (The training
+    # state returned is the last one, to go on from.)
+    assert int(result.state.step) == result.history[-1]["step"]
     assert result.summary["checkpoint_step"] == result.history[best]["step"]
     assert result.summary["steps"] == result.history[-1]["step"] > result.history[best]["step"]
     assert result.classifier.evaluate(*data.validation)["loss"] == losses[best]
@@ -152,28 +153,37 @@ def test_tfds_stream_without_tensorflow():
     assert result.summary["data_source"] == "tfds"
 
 
-def test_stream_producer_ends_when_the_consumer_stops():
-    """Early stopping or an error leaves an epoch's tfds stream half read: its prefetch
-    thread must end, not wait forever on a full queue holding two batches."""
+def test_stream_stops_its_threads_when_an_epoch_is_left_half_read():
+    """Early stopping or an error leaves an epoch's stream half read: Grain's reading
+    threads must stop, not wait forever on a full buffer."""
     import threading
-    import types
 
-    from fmnist_jax.input_pipeline import TfdsStream
+    from fmnist_jax.input_pipeline import Streamed
+    from fmnist_jax.parallel import setup
 
-    fake = types.SimpleNamespace(devices=types.SimpleNamespace(shard_batch=lambda b, axis: b))
-    produced = []
+    records = [{"image": np.full((28, 28, 1), i % 255, np.uint8), "label": i % 10}
+               for i in range(4000)]
+    stream = Streamed({"train": records, "test": records[:100]}, devices=setup(),
+                      batch_size=16, eval_batch_size=50, steps_per_dispatch=2,
+                      validation_size=100, seed=0)
 
-    def endless():
-        while True:
-            produced.append(len(produced))
-            yield produced[-1]
+    class Steps:  # the stream's only use of the steps: one call per dispatch
+        @staticmethod
+        def train_batches(state, images, labels):
+            return state, {"loss": np.zeros(len(labels))}
 
     before = threading.active_count()
-    stream = TfdsStream._stream(fake, endless())
-    assert [next(stream), next(stream)] == [0, 1]
-    stream.close()  # what the consumer's loop does when it stops early
-    assert threading.active_count() == before
-    assert len(produced) <= 5  # two handed out, two queued, one in hand
+    epoch = stream.train_epoch(None, 1, Steps)
+    assert next(epoch)[2] == 2 and next(epoch)[2] == 2
+    epoch.close()  # what the loop does when it stops mid-epoch
+    import time
+
+    for _ in range(50):  # executor threads finish their current read, then exit
+        if threading.active_count() <= before:
+            break
+        time.sleep(0.1)
+    assert threading.active_count() <= before
+
 
 def test_tensorboard_events_hold_every_epoch(tmp_path):
     """--tensorboard: event files (tensorboardX, no TensorFlow) with the metrics.jsonl

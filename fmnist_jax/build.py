@@ -1,0 +1,135 @@
+"""Building a run from its config: the data pipeline, the model and its training state, the
+optimizer and loss, the jitted steps, and the words that describe them.
+
+``fit`` calls :func:`build` once; everything it returns is fixed for the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fmnist_jax import adapt
+from fmnist_jax.augment import Augment
+from fmnist_jax.config import Config
+from fmnist_jax.data import Dataset, load_dataset
+from fmnist_jax.input_pipeline import DeviceResident, load_tfds
+from fmnist_jax.models import create_model
+from fmnist_jax.optim import make_optimizer, make_schedule
+from fmnist_jax.parallel import Devices
+from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, make_loss,
+                              make_steps, normalize)
+
+
+@dataclasses.dataclass
+class Built:
+    """The fixed parts of a run."""
+
+    pipeline: object  # DeviceResident or Streamed
+    graphdef: nnx.GraphDef
+    state: TrainState  # the initial state, on every device
+    steps: Steps
+    schedule: Callable | None  # the learning rate by step, when the config's optimizer
+    custom: dict  # what the caller passed in place of the config's: model/optimizer/loss
+    model_name: str
+    num_params: int
+
+    def describe(self, config: Config, devices: Devices) -> str:
+        """The start-up line."""
+        optimizer = ("custom optimizer" if "optimizer" in self.custom else
+                     f"{config.optimizer} lr {config.learning_rate:g} {config.schedule}")
+        loss = ", custom loss" if "loss" in self.custom else ""
+        return (f"fmnist_jax: {self.model_name} ({self.num_params:,} parameters), "
+                f"{optimizer}{loss}, {config.epochs} epochs of "
+                f"{self.pipeline.steps_per_epoch} steps x {config.batch_size}, on "
+                f"{devices.count} {jax.default_backend()} device(s)")
+
+
+def build(config: Config, devices: Devices, *, model=None, optimizer=None,
+          loss_fn: LossFn | None = None, data: Dataset | None = None) -> Built:
+    """The pipeline, state and steps of a run; ``model``, ``optimizer``, ``loss_fn`` and
+    ``data`` replace the config's when given (see :func:`fmnist_jax.fit`)."""
+    keys = dict(zip(("params", "dropout", "augment", "data"),
+                    jax.random.split(jax.random.key(config.seed), 4)))
+    pipeline = make_pipeline(config, data, keys["data"], devices)
+    custom = {name: value for name, given, value in (
+        ("model", model, model is not None and adapt.describe(model)),
+        ("optimizer", optimizer, "custom"), ("loss", loss_fn, "custom")) if given is not None}
+    schedule = None
+    if optimizer is None:
+        optimizer, schedule = configured_optimizer(config, pipeline.steps_per_epoch)
+    sample = pipeline.split("test").images[:2]
+    if model is None:
+        graphdef, state = _named_state(config, optimizer, keys, devices)
+    else:
+        graphdef, state = _user_state(model, config, optimizer, keys, sample, devices)
+    adapt.check(graphdef, (state.params, state.rngs, state.model_state), normalize(sample))
+    steps = make_steps(graphdef, optimizer, loss_fn or make_loss(config.loss,
+                                                                 config.label_smoothing),
+                       replicated=devices.replicated, dtype=jnp.dtype(config.dtype),
+                       ema_decay=config.ema_decay,
+                       augment=Augment(config.random_crop, config.random_flip,
+                                       config.random_erasing) or None)
+    return Built(pipeline, graphdef, state, steps, schedule, custom,
+                 custom.get("model", config.model),
+                 sum(x.size for x in jax.tree.leaves(state.params)))
+
+
+def make_pipeline(config: Config, data: Dataset | None, key: jax.Array, devices: Devices):
+    """The run's data: ``data`` or the IDX files on the device, or tfds through Grain."""
+    seed = [int(w) for w in np.asarray(jax.random.key_data(key)).ravel()]
+    if config.data_source == "tfds" and data is None:
+        return load_tfds(config, devices, seed[-1])
+    if data is None:
+        data = load_dataset(config.data_dir or None, config.validation_size)
+    return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
+                          devices=devices, batch_size=config.batch_size,
+                          eval_batch_size=config.eval_batch_size,
+                          steps_per_dispatch=config.steps_per_dispatch, seed=seed)
+
+
+def configured_optimizer(config: Config, steps_per_epoch: int
+                         ) -> tuple[optax.GradientTransformation, Callable]:
+    """The config's optimizer and its learning-rate schedule."""
+    schedule = make_schedule(config.schedule, config.learning_rate,
+                             config.epochs * steps_per_epoch, steps_per_epoch,
+                             warmup_epochs=config.warmup_epochs, decay_rate=config.decay_rate)
+    return make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                          nesterov=config.nesterov, weight_decay=config.weight_decay,
+                          clip_grad_norm=config.clip_grad_norm), schedule
+
+
+def _named_state(config: Config, optimizer, keys: dict, devices: Devices
+                 ) -> tuple[nnx.GraphDef, TrainState]:
+    """The named model and its optimizer state, built by one compiled program (one
+    compilation-cache lookup at start-up instead of dozens for eager ops) straight onto
+    every device. The values are bitwise those of building them eagerly."""
+    graphdefs = []
+
+    def init(keys):
+        model = create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
+                                                         dropout=keys["dropout"]),
+                             **config.model_kwargs())
+        graphdef, state = create_train_state(model, optimizer, keys["augment"],
+                                             ema=config.ema_decay > 0)
+        graphdefs.append(graphdef)  # static: recorded while tracing
+        return state
+
+    state = jax.jit(init, out_shardings=devices.replicated)(keys)
+    return graphdefs[0], state
+
+
+def _user_state(model, config: Config, optimizer, keys: dict, sample: np.ndarray,
+                devices: Devices) -> tuple[nnx.GraphDef, TrainState]:
+    """A model of the caller's (NNX or Linen) and its optimizer state, on every device."""
+    work = adapt.prepare(model, normalize(sample),
+                         nnx.Rngs(params=keys["params"], dropout=keys["dropout"]))
+    graphdef, state = create_train_state(work, optimizer, keys["augment"],
+                                         ema=config.ema_decay > 0)
+    return graphdef, devices.replicate(state)

@@ -1,0 +1,283 @@
+"""The training loop: epochs of dispatches of jitted steps, and the hooks around them.
+
+:class:`Trainer` trains from a :class:`Progress` (where training stands: saved in every
+checkpoint) to the last epoch. After every dispatch of steps and every epoch it calls its
+hooks in order, each with the same :class:`Event`: the checkpointer (save when due, or when
+stopping), the reporter (progress bar, epoch line, metric files) and the stop check (which
+raises :class:`Preempted` once the checkpoint is written). What the loop itself owns: the
+running training metrics (``nnx.metrics.Average``), the non-finite loss check, evaluation
+on the validation split and early stopping (Flax's ``EarlyStopping``).
+
+Signals (:class:`StopSignal`): while training, SIGINT/SIGTERM asks the loop to checkpoint
+and stop at the end of the current dispatch, and the hosts of a multi-host run agree on it
+(every process stops at the same step); outside training a signal interrupts at once
+(:class:`Interrupted`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from flax.training.early_stopping import EarlyStopping
+
+from fmnist_jax import metrics as metrics_lib
+from fmnist_jax import parallel
+from fmnist_jax.config import Config, monitor_sign
+from fmnist_jax.errors import UserError
+from fmnist_jax.steps import TrainState, inference_variables
+
+
+class Preempted(UserError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int, workdir=None):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.workdir = workdir
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop (set-up, data loading, final test)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TRAIN_METRICS = ("loss", "accuracy")
+
+
+def train_metrics() -> nnx.MultiMetric:
+    """The running means of an epoch's per-step training loss and accuracy."""
+    return nnx.MultiMetric(**{name: nnx.metrics.Average(name) for name in TRAIN_METRICS})
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; :meth:`to_meta` goes into every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress
+    step_in_epoch: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    metrics: nnx.MultiMetric = dataclasses.field(default_factory=train_metrics)
+    early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
+    best_epoch: int = 0  # by --monitor
+    stopped_early: bool = False
+    wall_time_s: float = 0.0  # spent by earlier processes of this run
+
+    @classmethod
+    def start(cls, config: Config) -> Progress:
+        # Flax's EarlyStopping stops after patience + 1 epochs without improvement; ours
+        # (--patience) after patience epochs.
+        return cls(early_stopping=EarlyStopping(patience=max(config.patience - 1, 0)))
+
+    def to_meta(self, started: float) -> dict:
+        stats = {name: {"total": float(getattr(self.metrics, name).total[...]),
+                        "count": int(getattr(self.metrics, name).count[...])}
+                 for name in TRAIN_METRICS}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "history": self.history, "train_metrics": stats,
+                "early_stopping": dataclasses.asdict(self.early_stopping),
+                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "wall_time_s": self.wall_time_s + time.perf_counter() - started}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Progress:
+        progress = cls(meta["epoch"], meta["step_in_epoch"], meta["history"],
+                       early_stopping=EarlyStopping(**meta["early_stopping"]),
+                       best_epoch=meta["best_epoch"], stopped_early=meta["stopped_early"],
+                       wall_time_s=meta["wall_time_s"])
+        for name in TRAIN_METRICS:
+            metric = getattr(progress.metrics, name)
+            metric.total[...] = np.float32(meta["train_metrics"][name]["total"])
+            metric.count[...] = np.int32(meta["train_metrics"][name]["count"])
+        return progress
+
+
+@dataclasses.dataclass
+class Event:
+    """What a hook sees after a dispatch or an epoch."""
+
+    state: TrainState
+    progress: Progress
+    at_epoch_end: bool
+    stopping: bool  # a stop signal, agreed by every process: save now, then stop
+    record: dict | None = None  # the epoch's record, at epoch ends
+
+
+class StopSignal:
+    """SIGINT/SIGTERM handling. While ``armed`` (in the training loop) the first signal asks
+    the loop to checkpoint and stop, and a second one exits at once; outside the loop there
+    is nothing to save, and a signal raises :class:`Interrupted` right away."""
+
+    def __init__(self):
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self.armed = False
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.armed:
+            if _in_gc_callback(frame):  # an exception there is printed and ignored
+                signal.raise_signal(signum)  # handled again once the callback returns
+                return
+            raise Interrupted(signum)
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, "
+              "then stopping (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self) -> int | None:
+        """The signal any process received, the same on every process (a tiny collective
+        on several hosts), or None."""
+        received = self.signum or 0
+        if jax.process_count() > 1:
+            received = int(np.max(parallel.gather_scalar(received)))
+        return received or None
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one)."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Trainer:
+    """Trains ``built`` (:class:`fmnist_jax.build.Built`) epoch by epoch, calling
+    ``hooks`` (objects with ``after_dispatch(event)`` and ``after_epoch(event)``) in order."""
+
+    def __init__(self, built, config: Config, hooks: Sequence, stop: StopSignal,
+                 started: float, keep_best: bool):
+        self.built, self.config, self.hooks, self.stop = built, config, hooks, stop
+        self.started = started
+        # Without checkpoints to restore it from, early stopping keeps a copy of the best
+        # epoch's weights (the inference variables alone, not the optimizer state).
+        self.keep_best = keep_best
+        self.best_variables: dict | None = None
+
+    def run(self, state: TrainState, progress: Progress) -> TrainState:
+        self.stop.armed = True
+        try:
+            while progress.epoch <= self.config.epochs and not progress.stopped_early:
+                state = self._train_epoch(state, progress)
+        finally:
+            self.stop.armed = False
+        return state
+
+    def _train_epoch(self, state: TrainState, progress: Progress) -> TrainState:
+        start, done, pipeline = time.perf_counter(), 0, self.built.pipeline
+        for state, metrics, n in pipeline.train_epoch(state, progress.epoch, self.built.steps,
+                                                      progress.step_in_epoch):
+            values = jax.device_get(metrics)  # one host sync per dispatch
+            self._check_finite(values, int(state.step) - n, progress)
+            progress.metrics.update(loss=values["loss"], accuracy=values["accuracy"])
+            progress.step_in_epoch += n
+            done += n
+            at_end = progress.step_in_epoch == pipeline.steps_per_epoch
+            self._call("after_dispatch", Event(state, progress, at_end, self._stopping(at_end)))
+        seconds = time.perf_counter() - start
+        record = self._end_epoch(state, progress, seconds, done)
+        more = progress.epoch <= self.config.epochs and not progress.stopped_early
+        self._call("after_epoch", Event(state, progress, True, more and self._stopping(False),
+                                        record))
+        return state
+
+    def _stopping(self, at_epoch_end: bool) -> bool:
+        return not at_epoch_end and self.stop.agreed() is not None
+
+    def _call(self, method: str, event: Event) -> None:
+        for hook in self.hooks:
+            getattr(hook, method)(event)
+
+    def _check_finite(self, values: dict, first_step: int, progress: Progress) -> None:
+        bad = np.flatnonzero(~np.isfinite(values["loss"]))
+        if bad.size:
+            raise NonFiniteLoss(first_step + int(bad[0]), progress.epoch)
+
+    def _end_epoch(self, state: TrainState, progress: Progress, seconds: float,
+                   done: int) -> dict:
+        """The epoch's record (validation and, if asked, test metrics included), early
+        stopping, and the position moved to the next epoch."""
+        train = {k: float(v) for k, v in progress.metrics.compute().items()}
+        record = {"epoch": progress.epoch, "step": int(state.step),
+                  "learning_rate": self._learning_rate(state),
+                  "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                  "epoch_time_s": seconds,
+                  "images_per_s": done * self.config.batch_size / seconds}
+        for split, prefix in (("validation", "val"), ("test", "test")):
+            if split == "validation" and self.built.pipeline.has_validation or \
+                    split == "test" and self.config.test_every_epoch:
+                scores, _ = evaluate(self.built, state, split)
+                record.update({f"{prefix}_loss": scores["loss"],
+                               f"{prefix}_accuracy": scores["accuracy"]})
+        record["wall_time_s"] = progress.wall_time_s + time.perf_counter() - self.started
+        progress.history.append(record)
+        self._early_stopping(state, progress, record)
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+        progress.metrics.reset()
+        return record
+
+    def _early_stopping(self, state: TrainState, progress: Progress, record: dict) -> None:
+        if "val_loss" not in record:
+            return
+        key = self.config.monitor
+        progress.early_stopping = progress.early_stopping.update(
+            -monitor_sign(key) * record[key])
+        if progress.early_stopping.has_improved:
+            progress.best_epoch = record["epoch"]
+            if self.keep_best:
+                self.best_variables = jax.tree.map(jax.numpy.copy,
+                                                   inference_variables(state))
+        progress.stopped_early = bool(self.config.patience) and \
+            progress.early_stopping.should_stop
+
+    def _learning_rate(self, state: TrainState) -> float | None:
+        if self.built.schedule is not None:
+            return float(self.built.schedule(state.step))
+        found = optax.tree_utils.tree_get(state.opt_state, "learning_rate")
+        return None if found is None else float(found)
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite at ``step``."""
+
+    def __init__(self, step: int, epoch: int):
+        super().__init__(f"non-finite loss at step {step}")
+        self.step, self.epoch = step, epoch
+
+
+def evaluate(built, state: TrainState, split: str, variables: dict | None = None
+             ) -> tuple[dict, np.ndarray]:
+    """Loss, accuracy and count of ``split`` (with the state's inference weights, or
+    ``variables``), and the logits they were computed from."""
+    variables = variables if variables is not None else inference_variables(state)
+    logits = built.pipeline.evaluate(variables, split, built.steps)
+    return metrics_lib.classification(logits, built.pipeline.split(split).labels), logits

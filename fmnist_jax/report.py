@@ -1,0 +1,132 @@
+"""What a run tells its user, as a loop hook: the console (start-up line, a progress bar
+during each epoch, one line per epoch, the test result), the workdir's files
+(``config.json``, ``metrics.jsonl``, ``summary.json``, TensorBoard events) and the plots.
+
+Only process 0 prints and writes. Plots are drawn from the test evaluation's logits:
+nothing is computed again for them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fmnist_jax import files, parallel
+from fmnist_jax.config import Config
+from fmnist_jax.data import CLASS_NAMES, Split
+from fmnist_jax.metrics import JsonlWriter, TensorBoardWriter
+
+
+def log(*args) -> None:
+    """Prints on process 0 only."""
+    if parallel.is_main_process():
+        print(*args, flush=True)
+
+
+def process_age() -> float:
+    """Seconds since this process started (what a user waits for)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or no /proc: count from import
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+class Reporter:
+    """The console and the workdir's files of one run (``out`` None: console only)."""
+
+    def __init__(self, out: Path | None, config: Config):
+        self.config = config
+        self.out = out if parallel.is_main_process() else None
+        self.writers: list = []
+        self.bar = None
+        self.timings = {"training_starts_s": None}
+        self.throughput: list[float] = []  # images/s of each epoch of this process
+
+    def start(self, line: str, steps_per_epoch: int, history: list[dict],
+              custom: dict) -> None:
+        """Prints the start-up line; writes config.json and the history so far."""
+        log(line + (f"; writing to {self.out}" if self.out else ""))
+        self.steps_per_epoch = steps_per_epoch
+        self.timings["training_starts_s"] = process_age()
+        if self.out is None:
+            return
+        files.write_json(self.out / "config.json",
+                         {**self.config.to_dict(), **({"custom": custom} if custom else {})})
+        files.write_jsonl(self.out / "metrics.jsonl", history)
+        self.writers.append(JsonlWriter(self.out / "metrics.jsonl", append=True))
+        if self.config.tensorboard:
+            self.writers.append(TensorBoardWriter(self.out / "tensorboard"))
+
+    def after_dispatch(self, event) -> None:
+        self.timings.setdefault("first_dispatch_done_s", process_age())
+        progress = event.progress
+        if self.bar is None:
+            self.bar = _bar(self.config, progress.epoch, self.steps_per_epoch)
+        self.bar.update(progress.step_in_epoch - self.bar.n)
+        scores = {k: float(v) for k, v in progress.metrics.compute().items()}
+        self.bar.set_postfix(loss=f"{scores['loss']:.4f}", acc=f"{scores['accuracy']:.4f}")
+
+    def after_epoch(self, event) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        record = event.record
+        self.throughput.append(record["images_per_s"])
+        for writer in self.writers:
+            writer.write(record)
+        log(_epoch_line(record, self.config.epochs))
+        if event.progress.stopped_early:
+            log(f"early stopping: no {self.config.monitor} improvement for "
+                f"{self.config.patience} epochs; the run's model is epoch "
+                f"{event.progress.best_epoch}'s")
+
+    def finish(self, summary: dict, test: Split, logits: np.ndarray,
+               history: list[dict]) -> None:
+        """Prints the test result; writes summary.json and the plots."""
+        log(f"test: loss {summary['test_loss']:.4f}, accuracy "
+            f"{100 * summary['test_accuracy']:.2f}% ({summary['test_count']} images); "
+            f"{summary['wall_time_s']:.1f} s in all")
+        if self.out is None:
+            return
+        files.write_json(self.out / "summary.json", summary)
+        if self.config.plots and history:
+            from fmnist_jax import plots
+
+            probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+            probabilities /= probabilities.sum(-1, keepdims=True)
+            names = plots.write_run_plots(self.out, history, test.images, test.labels,
+                                          probabilities, CLASS_NAMES, summary["model"])
+            log(f"plots: {', '.join(str(self.out / n) for n in names)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+
+def _bar(config: Config, epoch: int, steps_per_epoch: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                leave=False,
+                disable=not (config.progress and parallel.is_main_process()),
+                file=sys.stderr)
+
+
+def _epoch_line(r: dict, epochs: int) -> str:
+    val = (f"  val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%"
+           if "val_loss" in r else "")
+    lr = f"  lr {r['learning_rate']:.2e}" if r.get("learning_rate") is not None else ""
+    return (f"epoch {r['epoch']:>3}/{epochs}  train loss {r['train_loss']:.4f} "
+            f"acc {100 * r['train_accuracy']:.2f}%{val}{lr}  "
+            f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.1f} s")
