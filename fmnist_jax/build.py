@@ -24,7 +24,7 @@ from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.parallel import Devices
 from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, make_loss,
-                              make_steps, normalize)
+                              make_steps, normalize, split_model)
 
 
 @dataclasses.dataclass
@@ -110,19 +110,18 @@ def _named_state(config: Config, optimizer, keys: dict, devices: Devices
     """The named model and its optimizer state, built by one compiled program (one
     compilation-cache lookup at start-up instead of dozens for eager ops) straight onto
     every device. The values are bitwise those of building them eagerly."""
-    graphdefs = []
 
-    def init(keys):
-        model = create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
-                                                         dropout=keys["dropout"]),
-                             **config.model_kwargs())
-        graphdef, state = create_train_state(model, optimizer, keys["augment"],
-                                             ema=config.ema_decay > 0)
-        graphdefs.append(graphdef)  # static: recorded while tracing
-        return state
+    def model(keys):
+        return create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
+                                                        dropout=keys["dropout"]),
+                            **config.model_kwargs())
 
-    state = jax.jit(init, out_shardings=devices.replicated)(keys)
-    return graphdefs[0], state
+    def init(keys) -> TrainState:
+        return create_train_state(model(keys), optimizer, keys["augment"],
+                                  ema=config.ema_decay > 0)[1]
+
+    graphdef = split_model(nnx.eval_shape(model, keys))[0]
+    return graphdef, jax.jit(init, out_shardings=devices.replicated)(keys)
 
 
 def _user_state(model, config: Config, optimizer, keys: dict, sample: np.ndarray,

@@ -149,7 +149,13 @@ class StopSignal:
 
     def agreed(self) -> int | None:
         """The signal any process received, the same on every process (a tiny collective
-        on several hosts), or None."""
+        on several hosts), or None.
+
+        JAX's own agreement, ``multihost_utils.reached_preemption_sync_point``, must be
+        asked at every step id to find its safe step, while this loop looks once per
+        dispatch of many steps (and it sees SIGTERM only, with ``jax.distributed``): an
+        all-gather of the flag at each dispatch boundary gives every process the same
+        answer at the same step."""
         received = self.signum or 0
         if jax.process_count() > 1:
             received = int(np.max(parallel.gather_scalar(received)))
