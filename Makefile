@@ -9,7 +9,7 @@ ifneq ($(SHARED_DATA),)
 export FMNIST_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: install train test peers benchmark clean
+.PHONY: install train test test-newest peers benchmark clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,20 @@ train: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+# The suite on the newest releases, on a Python >= 3.12 (Colab's): what pip installs there
+# today (jax 0.12, flax 0.12.12 when written), in .venv-newest.
+# (pyenv's shims answer `command -v` even for a Python they cannot run: each is tried.)
+NEWEST_PYTHON ?= $(lastword $(foreach p,python3.12 python3.13 python3.14 \
+    $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3),\
+    $(shell $(p) -c 'import sys; assert sys.version_info >= (3, 12); print(sys.executable)' 2>/dev/null)))
+test-newest:
+	@if [ -z "$(NEWEST_PYTHON)" ]; then echo "test-newest: no python3.12, 3.13 or 3.14 on PATH (set NEWEST_PYTHON=...)"; exit 2; fi
+	$(NEWEST_PYTHON) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install -q --upgrade pip
+	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-newest/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|tensorflow-datasets|grain) '
+	.venv-newest/bin/python -m pytest -q -W default::DeprecationWarning $(ARGS)
+
 # PyTorch (CPU) and Keras 3 on TensorFlow, in their own venv, for the benchmark's peers.
 peers: .venv-peers/.installed
 
@@ -38,4 +52,4 @@ benchmark: install
 	$(PY) experiments/benchmark.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-peers runs .pytest_cache
+	rm -rf $(VENV) .venv-peers .venv-newest runs .pytest_cache

@@ -72,12 +72,12 @@ def main() -> None:
 
 
 def _bar_chart(rows: list[dict], path: Path) -> None:
-    from fmnist_jax.plots import pyplot
+    from fmnist_jax.plots import figure
 
-    plt = pyplot()
     labels = [f"{r['optimizer']}\n{r['schedule'].replace('warmup_', 'w-')}"
               + ("\none-hot" if r["loss"] == "categorical" else "") for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 4.5), dpi=100)
+    fig = figure(figsize=(12, 4.5), dpi=100)
+    ax = fig.subplots()
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [100 * r["val_accuracy"] for r in rows], 0.4,
            label="validation")
@@ -93,7 +93,6 @@ def _bar_chart(rows: list[dict], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ model), :mod:`~fmnist_jax.files`,
 :mod:`~fmnist_jax.cli`.
 """
 
-from fmnist_jax.parallel import tune_xla_cpu
-
-tune_xla_cpu()  # before JAX starts its CPU backend
-
-from fmnist_jax.config import PRESETS, Config, preset  # noqa: E402
+from fmnist_jax.config import PRESETS, Config, preset
 from fmnist_jax.data import CLASS_NAMES, Dataset, Split, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.kernels import conv_general_dilated, max_pool_2x2

@@ -71,7 +71,15 @@ class _QuietOrbax(logging.Filter):
         return not any(n in record.getMessage() for n in self.NOTICES)
 
 
-logging.getLogger("absl").addFilter(_QuietOrbax())
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax's notices about these choices dropped from the absl log, for a block."""
+    notices = _QuietOrbax()
+    logging.getLogger("absl").addFilter(notices)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(notices)
 
 
 def _warn(message: str) -> None:

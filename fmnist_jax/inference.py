@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fmnist_jax import adapt
-from fmnist_jax.checkpoints import Checkpoints
+from fmnist_jax.checkpoints import Checkpoints, quiet_orbax
 from fmnist_jax.config import Config
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import batched, unbatched
@@ -123,7 +123,16 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
     else:
         model = adapt.prepare(model, np.zeros((2, 28, 28, 1), np.float32), nnx.Rngs(0))
     graphdef, params, rngs, model_state = split_model(model)
-    template = {"params": params, "model_state": model_state}
+    with quiet_orbax():
+        chosen, description, variables = _restore(
+            workdir, config, summary, step, best, {"params": params, "model_state": model_state})
+    return Classifier(graphdef, {**variables, "rngs": rngs}, config.eval_batch_size,
+                      config.dtype, chosen, description)
+
+
+def _restore(workdir: Path, config: Config, summary: dict | None, step: int | None,
+             best: bool, template: dict) -> tuple[int, str, dict]:
+    """The chosen checkpoint's step, its description, and its inference variables."""
     ckpt = Checkpoints(workdir, monitor=config.monitor, read_only=True)
     try:
         chosen, description = _choose_step(ckpt, summary, step, best, config.monitor)
@@ -132,9 +141,7 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
                                    partial=True)
     finally:
         ckpt.manager.close()
-    variables = {**(restored[part] if part else restored), "rngs": rngs}
-    return Classifier(graphdef, variables, config.eval_batch_size, config.dtype, chosen,
-                      description)
+    return chosen, description, restored[part] if part else restored
 
 
 def _read_run(workdir: Path) -> tuple[Config, dict, dict | None]:

@@ -81,58 +81,19 @@ class Devices:
                 f"{max(self.count, batch_size // self.count * self.count)}")
 
 
-def tune_xla_cpu() -> None:
-    """Two settings for XLA:CPU, made when :mod:`fmnist_jax` is imported; neither changes
-    a result.
-
-    - On a CPU with AVX-512, asks for 512-bit vectors (XLA prefers 256 by default): the
-      seed MLP's step 5% faster, the seed CNN's 2%. XLA reads ``XLA_FLAGS`` when its first
-      backend starts, so this has no effect once JAX has computed something; an
-      ``xla_cpu_prefer_vector_width`` already in ``XLA_FLAGS`` wins.
-    - :func:`unroll_threefry_on_cpu`.
-    """
-    unroll_threefry_on_cpu()
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_prefer_vector_width" in flags or not _cpu_has("avx512f"):
-        return
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_prefer_vector_width=512".strip()
-
-
-def unroll_threefry_on_cpu() -> bool:
-    """Compiles JAX's Threefry random bits for the CPU as straight-line code, the way JAX
-    already compiles them for GPU and TPU, instead of a loop of 5 rounds.
-
-    The bits are the same (same algorithm, same keys); only the program differs. JAX rolls
-    the loop on CPU to save compile time, but XLA:CPU runs each round as separate kernels:
-    the dropout masks took 15% of the seed MLP's step (0.233 ms unrolled to 0.197 ms per
-    step on 2 cores). Uses JAX internals; returns False, and changes nothing, where they
-    are not as expected.
-    """
-    try:
-        from jax._src.interpreters import mlir
-        from jax._src.random import threefry2x32 as threefry
-
-        primitive, rule = threefry.threefry2x32_p, threefry._threefry2x32_lowering_rule
-    except (ImportError, AttributeError):
-        return False
-    mlir.register_lowering(primitive, rule, platform="cpu")
-    return True
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:  # not Linux: leave XLA's defaults
-        return False
-
-
 def setup(distributed: bool = False) -> Devices:
-    """Joins the other hosts if asked, and builds a 1-D ``data`` mesh over all devices.
+    """Joins the other hosts if asked (:func:`join`), and builds a 1-D ``data`` mesh over
+    all devices."""
+    join(distributed)
+    return Devices(jax.make_mesh((jax.device_count(),), ("data",),
+                                 axis_types=(jax.sharding.AxisType.Auto,)))
 
-    Without a cluster JAX detects, set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0)
-    and, on each host, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
-    """
+
+def join(distributed: bool = False) -> None:
+    """``jax.distributed.initialize()`` when asked or when ``JAX_COORDINATOR_ADDRESS`` is
+    set, once; it must come before anything computes with JAX. Without a cluster JAX
+    detects, set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) and, on each host,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``."""
     if (distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
             not jax.distributed.is_initialized():
         count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
@@ -143,8 +104,6 @@ def setup(distributed: bool = False) -> Devices:
             raise UserError(f"--distributed: jax.distributed.initialize() failed ({e}); "
                             "on a cluster JAX does not detect, set JAX_COORDINATOR_ADDRESS="
                             "host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host")
-    return Devices(jax.make_mesh((jax.device_count(),), ("data",),
-                                 axis_types=(jax.sharding.AxisType.Auto,)))
 
 
 def to_host(x) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Pictures of a run, as PNG files (matplotlib, non-interactive backend)."""
+"""Pictures of a run, as PNG files.
+
+Drawn on ``matplotlib.figure.Figure`` objects, never through ``pyplot``: no backend is
+chosen or switched (a notebook's stays as it was) and no window opens.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
+def figure(**kwargs):
+    """A new ``matplotlib.figure.Figure`` (``figsize``, ``dpi``, ...), outside pyplot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display needed, never opens a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10
@@ -29,8 +30,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
                           path: str | os.PathLike, title: str = "") -> None:
     """Writes the confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    fig = figure(figsize=(8, 7), dpi=100)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     n = len(class_names)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
@@ -46,17 +47,16 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
                          title: str = "") -> None:
     """Loss and accuracy per epoch, training and validation."""
-    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    fig = figure(figsize=(11, 4), dpi=100)
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
         if any(f"val_{metric}" in r for r in history):
@@ -71,7 +71,6 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
@@ -79,8 +78,8 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.n
                      rows: int = 5, cols: int = 6) -> None:
     """A grid of test images titled with the predicted class and its probability: green
     when right, red (with the true class) when wrong."""
-    plt = pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), dpi=100)
+    fig = figure(figsize=(1.9 * cols, 2.1 * rows), dpi=100)
+    axes = fig.subplots(rows, cols)
     predictions = probabilities.argmax(-1)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -94,7 +93,6 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.n
         ax.set_title(title, color="green" if right else "red", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def most_confused(matrix: np.ndarray, class_names: Sequence[str], k: int = 8
@@ -110,16 +108,15 @@ def most_confused(matrix: np.ndarray, class_names: Sequence[str], k: int = 8
 def plot_most_confused(matrix: np.ndarray, class_names: Sequence[str],
                        path: str | os.PathLike, k: int = 8) -> None:
     """Horizontal bars: how many test images of one class were taken for another."""
-    plt = pyplot()
     pairs = most_confused(matrix, class_names, k)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(pairs), 1) + 1.2), dpi=100)
+    fig = figure(figsize=(8, 0.45 * max(len(pairs), 1) + 1.2), dpi=100)
+    ax = fig.subplots()
     ax.barh([f"{t} -> {p}" for t, p, _ in pairs][::-1], [n for *_, n in pairs][::-1],
             color="tab:red")
     ax.set_xlabel("test images (true -> predicted)")
     ax.set_title("most confused pairs")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_run_plots(directory: str | os.PathLike, history: Sequence[dict],

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fmnist_jax.kernels import cpu_compiler_options
+
 # Training-set statistics of Fashion-MNIST (pixel mean 72.94, std 90.02 out of 255).
 PIXEL_MEAN = 72.9404 / 255.0
 PIXEL_STD = 90.0212 / 255.0
@@ -247,12 +249,12 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
     train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
                               dtype=dtype, ema_decay=ema_decay, augment=augment)
     pinned = {} if replicated is None else {"out_shardings": replicated}
+    options = {"donate_argnums": 0, "compiler_options": cpu_compiler_options(), **pinned}
     return Steps(
-        train_step=jax.jit(train, donate_argnums=0, **pinned),
-        train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train),
-                           donate_argnums=0, **pinned),
+        train_step=jax.jit(train, **options),
+        train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train), **options),
         train_batches=jax.jit(functools.partial(scan_train_batches, step_fn=train),
-                              donate_argnums=0, **pinned),
+                              **options),
         **make_eval_steps(graphdef, dtype)._asdict(),
     )
 
@@ -264,7 +266,9 @@ class EvalSteps(NamedTuple):
 
 def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
+    options = {"compiler_options": cpu_compiler_options()}
     return EvalSteps(
-        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, dtype=dtype)),
+        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, dtype=dtype),
+                          **options),
         eval_batches=jax.jit(functools.partial(eval_batches, graphdef=graphdef,
-                                               dtype=dtype)))
+                                               dtype=dtype), **options))

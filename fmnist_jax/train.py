@@ -34,19 +34,21 @@ from flax import nnx
 
 from fmnist_jax import parallel
 from fmnist_jax.build import Built, build
-from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside
+from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
 from fmnist_jax.cli import parse_config, quiet_library_logs
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, cache_dir
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import Classifier
+from fmnist_jax.kernels import unroll_threefry_on_cpu
 from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, StopSignal,
                              Trainer, evaluate)
 from fmnist_jax.metrics import prepare_workdir
 from fmnist_jax.report import Reporter, log
 from fmnist_jax.steps import LossFn, Steps, TrainState, inference_variables
 
-__all__ = ["Interrupted", "Preempted", "Result", "fit", "main", "train_and_evaluate"]
+__all__ = ["Interrupted", "Preempted", "Result", "enable_compilation_cache", "fit", "main",
+           "train_and_evaluate"]
 
 
 @dataclasses.dataclass
@@ -96,8 +98,9 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     config.validate()
     started = time.perf_counter()
     workdir = workdir if workdir is not None else config.workdir
-    with _jax_settings(config), StopSignal() as stop:
+    with _jax_settings(config), quiet_orbax(), StopSignal() as stop:
         devices = parallel.setup(config.distributed)
+        config = config.for_backend(jax.default_backend())
         out = prepare_workdir(workdir) if workdir else None
         with WorkdirLock.held(out):
             built = build(config, devices, model=model, optimizer=optimizer,
@@ -129,22 +132,22 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
 
 @contextlib.contextmanager
 def _jax_settings(config: Config):
-    """JAX's NaN checks (``--debug_nans``) and persistent compilation cache
-    (``--compilation_cache``) for the run, restored afterwards."""
-    names = ("jax_debug_nans", "jax_compilation_cache_dir",
-             "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_debug_nans", saved["jax_debug_nans"] or config.debug_nans)
-    if config.compilation_cache and not saved["jax_compilation_cache_dir"]:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no minimum
+    """JAX's NaN checks for the run (``--debug_nans``), restored afterwards."""
+    saved = jax.config.jax_debug_nans
+    jax.config.update("jax_debug_nans", saved or config.debug_nans)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
+        jax.config.update("jax_debug_nans", saved)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``$XDG_CACHE_HOME/fmnist_jax/jax``: a second
+    run of the same programs skips XLA's compilation. A process-wide setting: the
+    command line turns it on (``--compilation_cache``); ``fit`` leaves JAX's as it is."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no minimum
 
 
 def _checkpointer(out: Path | None, config: Config, started: float) -> Checkpointer | None:
@@ -315,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = None
     try:
         config = parse_config(argv)
+        parallel.join(config.distributed)  # before anything computes
+        unroll_threefry_on_cpu()  # the command owns its process: JAX's CPU lowering
+        if config.compilation_cache:
+            enable_compilation_cache()
         workdir = config.workdir or default_workdir(config)
         train_and_evaluate(config, workdir)
     except Preempted as e:

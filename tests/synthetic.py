@@ -8,6 +8,8 @@ this process with that description in place of the official one, and with
 ``FMNIST_DATA_DIR=DATA_DIR``, unless that variable is set to the empty string (then the
 files are looked for in the usual places, then downloaded): everything else (finding, checking and reading the files,
 the command line, signals, exit status) is the real code path.
+``FMNIST_TEST_SIGTERM_AT_STEP=N`` makes the process signal itself once it saves a checkpoint
+of step N or later.
 """
 
 import json
@@ -26,8 +28,28 @@ def use(directory: str) -> None:
         os.environ["FMNIST_DATA_DIR"] = directory
 
 
+def sigterm_at_step(step: int) -> None:
+    """This process sends itself SIGTERM when it saves a checkpoint of ``step`` or later
+    (as a preempted host of a multi-host run would be signalled)."""
+    import signal
+
+    from fmnist_jax import checkpoints
+
+    save = checkpoints.Checkpoints.save
+    sent = []
+
+    def save_then_signal(self, state, meta, metrics=None):
+        save(self, state, meta, metrics)
+        if int(state.step) >= step and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    checkpoints.Checkpoints.save = save_then_signal
+
+
 if __name__ == "__main__":
     directory, module, *args = sys.argv[1:]
     use(directory)
+    if os.environ.get("FMNIST_TEST_SIGTERM_AT_STEP"):
+        sigterm_at_step(int(os.environ["FMNIST_TEST_SIGTERM_AT_STEP"]))
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -22,11 +22,11 @@ def _anchor(heading: str) -> str:
 
 
 def _command_flags() -> set[str]:
-    from fmnist_jax import evaluate, predict
+    from fmnist_jax import evaluate, export, predict
     from fmnist_jax.cli import build_parser
 
     parsers = [build_parser(), build_parser(evaluate.EvalConfig, presets=False),
-               predict._parser()]
+               build_parser(export.ExportConfig, presets=False), predict._parser()]
     flags = {option for p in parsers for action in p._actions for option in action.option_strings}
     for script in ("benchmark.py", "bench_devices.py", "optimizer_study.py"):
         usage = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--help"],

@@ -134,3 +134,44 @@ def test_image_conversion_rules(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "c.png")
     out = image_to_input(tmp_path / "c.png")
     assert out.shape == (28, 28) and out.max() == 0
+
+
+def test_export_runs_with_plain_jax_and_reproduces_the_test_accuracy(trained, synthetic_dir,
+                                                                      use_synthetic, tmp_path):
+    """fmnist-export for cpu, cuda and tpu; the artifact, loaded by a Python that never
+    imports fmnist_jax, gives the run's test accuracy on the CPU, for any batch size."""
+    workdir, summary = trained
+    from fmnist_jax.data import load_dataset
+
+    test = load_dataset(validation_size=0).test
+    np.save(tmp_path / "images.npy", test.images)
+    np.save(tmp_path / "labels.npy", test.labels)
+    done = run_synthetic(synthetic_dir, "fmnist_jax.export", f"--workdir={workdir}",
+                         f"--output={tmp_path / 'model.jax'}")
+    assert done.returncode == 0, done.stderr
+    assert f"the run's model (step {summary['checkpoint_step']}" in done.stdout
+    assert "for cpu, cuda, tpu" in done.stdout
+    code = (
+        "import sys, jax, numpy as np\n"
+        "d = sys.argv[1]\n"
+        "exp = jax.export.deserialize(open(d + '/model.jax', 'rb').read())\n"
+        "x, y = np.load(d + '/images.npy'), np.load(d + '/labels.npy')\n"
+        "whole = np.asarray(exp.call(x)); part = np.asarray(exp.call(x[:37]))\n"
+        "print(exp.platforms, exp.in_avals, exp.out_avals, whole.dtype, whole.shape,\n"
+        "      np.abs(part - whole[:37]).max(), (whole.argmax(-1) == y).mean(),\n"
+        "      'fmnist_jax' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    assert "('cpu', 'cuda', 'tpu')" in out.stdout and "uint8[n,28,28,1]" in out.stdout
+    assert "float32[n,10]" in out.stdout and f"({SYNTHETIC_TEST}, 10)" in out.stdout
+    assert float(words[-3]) < 1e-4  # 37 images alone: the same logits, within rounding
+    assert float(words[-2]) == summary["test_accuracy"] and words[-1] == "False"
+
+
+def test_export_errors(trained, tmp_path):
+    workdir, _ = trained
+    done = _run("export", f"--workdir={workdir}", "--platforms=cpu,vulkan")
+    assert done.returncode == 2 and "--platforms=cpu,vulkan: give some of" in done.stderr

@@ -49,7 +49,7 @@ def test_modes_the_flax_way(name):
     the same output every call."""
     model = create_model(name, rngs=nnx.Rngs(params=0, dropout=1))
     x = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
-    counts = lambda: [int(v.value) for v in jax.tree.leaves(  # noqa: E731
+    counts = lambda: [int(v[...]) for v in jax.tree.leaves(  # noqa: E731
         nnx.state(model, nnx.RngCount), is_leaf=lambda v: isinstance(v, nnx.Variable))]
     model.train()
     before = counts()

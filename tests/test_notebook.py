@@ -38,6 +38,10 @@ def test_notebook_trains_and_shows_curves_and_predictions(tmp_path):
     texts = [o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
              for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("devices: [CpuDevice(id=0)]" in t for t in texts), texts
+    import jax
+
+    assert any(f"jax {jax.__version__}\n" in t for t in texts), texts  # versions printed
+    assert any("batch 256 (256 per device), float32" in t for t in texts), texts
     summary = next(t for t in texts if "test_accuracy" in t)
     accuracy = float(summary.split("'test_accuracy': ")[1].split(",")[0])
     assert accuracy > 0.8  # the generated classes are easy

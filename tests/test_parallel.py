@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import SYNTHETIC_TEST, SYNTHETIC_VAL, synthetic_cmd
 
+from fmnist_jax.files import read_jsonl
+
 HERE = Path(__file__).parent
 
 
@@ -84,8 +86,9 @@ def test_batch_size_must_divide_over_the_devices(reports):
         "e.g. 96")
 
 
-def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
-    """The multi-host path: 2 processes x 2 CPU devices, joined by jax.distributed."""
+def _two_hosts(synthetic_dir, workdir, *args, env_of=lambda i: {}):
+    """Runs the training command as 2 processes x 2 CPU devices joined by jax.distributed
+    on this machine; returns [(returncode, stdout, stderr)] of both."""
     import socket
 
     with socket.socket() as s:
@@ -96,54 +99,77 @@ def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(i)}
+               "JAX_PROCESS_ID": str(i), **env_of(i)}
         procs.append(subprocess.Popen(
-            synthetic_cmd(synthetic_dir, "fmnist_jax.train", "--model=mlp", "--epochs=1",
-                          "--noprogress", "--noplots", f"--validation_size={SYNTHETIC_VAL}",
-                          f"--workdir={tmp_path}"), env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            synthetic_cmd(synthetic_dir, "fmnist_jax.train", "--model=mlp", "--noprogress",
+                          f"--validation_size={SYNTHETIC_VAL}", f"--workdir={workdir}",
+                          *args), env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE))
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert "epoch   1/1" in outs[0][0] and "test: loss" in outs[0][0]
+    return [(p.returncode, *out) for p, out in zip(procs, outs)]
+
+
+def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
+    """The multi-host path: 2 processes x 2 CPU devices, joined by jax.distributed."""
+    outs = _two_hosts(synthetic_dir, tmp_path, "--epochs=1")
+    assert [o[0] for o in outs] == [0, 0], outs[0][2][-2000:] + outs[1][2][-2000:]
+    assert "epoch   1/1" in outs[0][1] and "test: loss" in outs[0][1]
     # Only process 0 prints (Gloo, the CPU collectives library, announces its connections
     # on both).
-    assert "epoch" not in outs[1][0] and "test:" not in outs[1][0]
+    assert "epoch" not in outs[1][1] and "test:" not in outs[1][1]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["num_processes"], summary["num_devices"]) == (2, 4)
     assert summary["test_count"] == SYNTHETIC_TEST and summary["test_accuracy"] > 0.8
     assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()
+    assert (tmp_path / "confusion_matrix.png").is_file()  # plots from both hosts' logits
 
 
-def test_xla_cpu_vector_width(monkeypatch):
-    from fmnist_jax import parallel
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(synthetic_dir,
+                                                                        tmp_path):
+    """Only process 1 gets SIGTERM (after it saves step 30): the hosts agree, both save the
+    same step and stop; run again, they end as two hosts never interrupted."""
+    args = ("--epochs=2", "--batch_size=32", "--steps_per_dispatch=5",
+            "--checkpoint_every_steps=10")
+    whole = _two_hosts(synthetic_dir, tmp_path / "whole", *args)
+    assert [o[0] for o in whole] == [0, 0], whole[0][2][-2000:] + whole[1][2][-2000:]
+    cut = _two_hosts(synthetic_dir, tmp_path / "cut", *args,
+                     env_of=lambda i: {"FMNIST_TEST_SIGTERM_AT_STEP": "30"} if i else {})
+    assert [o[0] for o in cut] == [143, 143], cut[0][2][-2000:] + cut[1][2][-2000:]
+    stopped = [o[2].split("stopped at step ")[1].split()[0] for o in cut]
+    assert stopped[0] == stopped[1] and 30 < int(stopped[0]) <= 35  # the next dispatch
+    assert max(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()
+               if p.name.isdigit()) == int(stopped[0])
+    resumed = _two_hosts(synthetic_dir, tmp_path / "cut", *args)
+    assert [o[0] for o in resumed] == [0, 0], resumed[0][2][-2000:] + resumed[1][2][-2000:]
+    strip = lambda rs: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}  # noqa
+                        for r in rs]
+    assert strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(
+        read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
+    a, b = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("cut", "whole"))
+    assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
 
-    monkeypatch.setattr(parallel, "_cpu_has", lambda flag: flag == "avx512f")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    parallel.tune_xla_cpu()
-    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
-                                       "--xla_cpu_prefer_vector_width=512")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")  # the user's wins
-    parallel.tune_xla_cpu()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
-    monkeypatch.setattr(parallel, "_cpu_has", lambda flag: False)  # no AVX-512: untouched
-    monkeypatch.delenv("XLA_FLAGS")
-    parallel.tune_xla_cpu()
-    assert "XLA_FLAGS" not in os.environ
+
+def test_cpu_compiler_options(monkeypatch):
+    """512-bit vectors on an AVX-512 CPU, asked of XLA per program (jax.jit's
+    compiler_options), never through XLA_FLAGS."""
+    from fmnist_jax import kernels
+
+    monkeypatch.setattr(kernels, "_cpu_has", lambda flag: flag == "avx512f")
+    assert kernels.cpu_compiler_options() == {"xla_cpu_prefer_vector_width": "512"}
+    monkeypatch.setattr(kernels, "_cpu_has", lambda flag: False)
+    assert kernels.cpu_compiler_options() == {}
 
 
 def test_threefry_unrolled_on_cpu_gives_the_same_bits():
-    """With fmnist_jax imported, Threefry compiles without a loop on CPU; the bits must be
-    JAX's own, as a process without fmnist_jax computes them."""
-    import jax
-
-    import fmnist_jax  # noqa: F401
-
-    key = jax.random.key(7)
-    bits = jax.jit(lambda k: jax.random.bits(k, (3, 1000)))
-    assert "while" not in bits.lower(key).as_text()
-    plain = subprocess.run(
-        [sys.executable, "-c", "import jax, numpy as np; b = jax.random.bits("
-         "jax.random.key(7), (3, 1000)); print(np.asarray(b).astype(np.uint64).sum(), "
-         "int(b[2, 999]))"], capture_output=True, text=True, check=True).stdout.split()
-    ours = np.asarray(bits(key))
-    assert [str(ours.astype(np.uint64).sum()), str(int(ours[2, 999]))] == plain
+    """Asked for (the command line asks), Threefry compiles without a loop on CPU; the bits
+    must be JAX's own, as a process that did not ask computes them."""
+    code = ("import jax, numpy as np; {setup}k = jax.random.key(7); "
+            "f = jax.jit(lambda k: jax.random.bits(k, (3, 1000))); b = np.asarray(f(k)); "
+            "print('while' in f.lower(k).as_text(), b.astype(np.uint64).sum(), int(b[2, 999]))")
+    run = lambda setup: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code.format(setup=setup)], capture_output=True, text=True,
+        check=True).stdout.split()
+    plain = run("")
+    ours = run("from fmnist_jax.kernels import unroll_threefry_on_cpu as u; assert u(); ")
+    assert plain[0] == "True" and ours[0] == "False"  # JAX's loop; straight-line code
+    assert ours[1:] == plain[1:]
