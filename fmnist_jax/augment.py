@@ -19,8 +19,9 @@ import jax.numpy as jnp
 class Augment:
     """What to apply: ``crop`` pixels of zero padding then a random 28x28 crop (0: none),
     a horizontal ``flip`` with probability 1/2, and random ``erasing`` with that
-    probability: a rectangle of 2% to 25% of the image with aspect ratio 0.3 to 3.3
-    (the values of Zhong et al., 2017), set to black."""
+    probability: a rectangle of 2% to 25% of the image with aspect ratio 0.3 to 3.3, set
+    to black (Zhong et al., 2017, draw up to 40% and redraw a rectangle that does not fit;
+    here it is at most 25% and clipped to the image)."""
 
     crop: int = 0
     flip: bool = False

@@ -19,6 +19,7 @@ from fmnist_jax import adapt
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, load_dataset
+from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, load_tfds
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
@@ -58,6 +59,9 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
     keys = dict(zip(("params", "dropout", "augment", "data"),
                     jax.random.split(jax.random.key(config.seed), 4)))
     pipeline = make_pipeline(config, data, keys["data"], devices)
+    if config.patience and not pipeline.has_validation:
+        raise UserError("--patience needs a validation split, and the data given to fit has "
+                        "none (Dataset.validation is None)")
     custom = {name: value for name, given, value in (
         ("model", model, model is not None and adapt.describe(model)),
         ("optimizer", optimizer, "custom"), ("loss", loss_fn, "custom")) if given is not None}

@@ -295,12 +295,18 @@ def _summary(built: Built, config: Config, state: TrainState, progress: Progress
         "train_images_per_s": (statistics.median(throughput[1:] or throughput)
                                if throughput else None),
         **reporter.timings,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "num_devices": jax.device_count(), "num_processes": jax.process_count(),
         "dtype": config.dtype, "jax_version": jax.__version__,
         "data_source": config.data_source,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def train_and_evaluate(config: Config, workdir: str) -> Result:
