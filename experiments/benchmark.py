@@ -1,20 +1,29 @@
-"""Speed, side by side: fmnist_jax against PyTorch and Keras on the seeds' models.
+"""Speed, side by side: fmnist_jax against PyTorch and Keras, whole processes and epochs.
 
     make peers                                  # once: .venv-peers with torch and keras
-    python experiments/benchmark.py             # everything (~25 min on 2 CPU cores)
-    python experiments/benchmark.py --only=mlp_seed,startup
+    python experiments/benchmark.py             # everything (~40 min on 2 CPU cores)
+    python experiments/benchmark.py --only=mlp_seed,cnn_seed --repeats=2
 
-Every run is its own process, one at a time, on the same data and the same CPU. Measured:
+Every run is its own process, one at a time, on the same data and the same CPU, and is
+timed from launch to exit (what a user waits for). Measured:
 
-- ``mlp_seed``, ``cnn_seed``: seconds per epoch in the steady state (median over the epochs
-  after the first, which holds JAX's compilation; spread = min and max), images/s, test
-  accuracy, peak RSS, for fmnist_jax, PyTorch (eager loop) and Keras 3 (TensorFlow), with
-  the same batch size, optimizer and epochs; then our time divided by each peer's.
-- ``time_to_accuracy``: the default ``--model=cnn`` run, from process start to the first
-  epoch whose test accuracy reaches ``--target`` (the test split is evaluated after every
-  epoch for this measurement only), and its final accuracy and peak RSS.
-- ``startup``: from process start to the end of the first training step, with JAX's
-  persistent compilation cache empty (cold) and filled (warm).
+- ``mlp_seed``, ``cnn_seed``: the seeds' models with the same batch size, optimizer and
+  epochs in fmnist_jax (the command line as a user runs it: checkpoints, validation, plots),
+  PyTorch (eager) and Keras 3; for each, the whole process and the steady-state epoch
+  (median over the epochs after the first, which holds JAX's compilation), images/s, test
+  accuracy and peak RSS; then our times divided by each peer's. ``--repeats`` runs the
+  whole comparison again and reports the spread. Ours runs with an empty compilation cache
+  (a user's first run) and again with it filled (every later run).
+- ``time_to_accuracy``: the default ``--model=cnn`` (or ``--tta_args``), from process start
+  to the first epoch whose test accuracy reaches each of ``--targets`` (the test split is
+  evaluated after every epoch for this measurement only), in seconds and in **PyTorch
+  epochs**: the steady-state epoch of the seed CNN in PyTorch measured in the same run.
+- ``plots``: seconds from the test result to the end of the process (plots, exit), from
+  the seed runs above.
+- ``rss``: peak RSS of every preset, on a run cut to 20 training steps and both
+  evaluations (what a full epoch holds at its peak).
+- ``startup``: process start to the training loop and to the end of the first step, with
+  the compilation cache empty and filled.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -33,28 +42,31 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+SEEDS = {"mlp_seed": ("mlp", "mlp_seed", 32), "cnn_seed": ("cnn", "cnn_seed", 128)}
 
 
 def _ours(args: list[str], env: dict | None = None) -> dict:
-    """Runs the training CLI; returns its summary, per-epoch records and launch time."""
+    """Runs the training command in its own process; its summary, records and wall time."""
     with tempfile.TemporaryDirectory() as workdir:
-        launched = time.time()
+        launched = time.perf_counter()
         subprocess.run([sys.executable, "-m", "fmnist_jax.train", *args, "--noprogress",
-                        "--noplots", f"--workdir={workdir}"], check=True, cwd=REPO,
+                        f"--workdir={workdir}"], check=True, cwd=REPO,
                        env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - launched
         summary = json.loads((Path(workdir) / "summary.json").read_text())
         records = [json.loads(line) for line in
                    (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": summary, "records": records, "launched": launched}
+    return {"summary": summary, "records": records, "wall_s": wall,
+            "after_test_s": wall - summary["test_done_s"]}
 
 
 def _peer(python: str, framework: str, model: str, epochs: int, batch_size: int) -> dict:
-    launched = time.time()
+    launched = time.perf_counter()
     done = subprocess.run([python, str(HERE / "peers" / f"{framework}_seed.py"), model,
                            str(epochs), str(batch_size)], check=True, capture_output=True,
                           text=True, cwd=HERE / "peers")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["first_step_s"] = out.pop("first_step_unix_time") - launched
+    out["wall_s"] = time.perf_counter() - launched
     return out
 
 
@@ -62,17 +74,21 @@ def _epochs(times: list[float], batch_size: int, images: int = 55_000) -> dict:
     steady = times[1:] or times
     per_epoch = statistics.median(steady)
     return {"s_per_epoch": per_epoch, "min": min(steady), "max": max(steady),
-            "images_per_s": (images // batch_size) * batch_size / per_epoch,
-            "epochs_timed": len(steady)}
+            "images_per_s": (images // batch_size) * batch_size / per_epoch}
 
 
 def seed_model(name: str, epochs: int, peers_python: str | None) -> dict:
-    model, preset, batch = {"mlp_seed": ("mlp", "mlp_seed", 32),
-                            "cnn_seed": ("cnn", "cnn_seed", 128)}[name]
-    ours = _ours([f"--preset={preset}", f"--epochs={epochs}", "--test_every_epoch"])
-    rows = {"fmnist_jax": {**_epochs([r["epoch_time_s"] for r in ours["records"]], batch),
-                           "test_accuracy": ours["records"][-1]["test_accuracy"],
-                           "peak_rss_mb": ours["summary"]["peak_rss_mb"]}}
+    """One comparison of ``name`` (mlp_seed or cnn_seed), every framework once."""
+    model, preset, batch = SEEDS[name]
+    rows = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("fmnist_jax", "fmnist_jax_warm"):
+            run = _ours([f"--preset={preset}", f"--epochs={epochs}"],
+                        env={"XDG_CACHE_HOME": cache})
+            rows[label] = {**_epochs([r["epoch_time_s"] for r in run["records"]], batch),
+                           "wall_s": run["wall_s"], "after_test_s": run["after_test_s"],
+                           "test_accuracy": run["summary"]["test_accuracy"],
+                           "peak_rss_mb": run["summary"]["peak_rss_mb"]}
     for framework in ("torch", "keras"):
         if not peers_python:
             continue
@@ -81,26 +97,60 @@ def seed_model(name: str, epochs: int, peers_python: str | None) -> dict:
         except subprocess.CalledProcessError as e:
             rows[framework] = {"error": e.stderr[-500:]}
             continue
-        rows[framework] = {**_epochs(out["epoch_times_s"], batch),
+        rows[framework] = {**_epochs(out["epoch_times_s"], batch), "wall_s": out["wall_s"],
                            "test_accuracy": out["test_accuracy"][-1],
                            "peak_rss_mb": out["peak_rss_mb"]}
-    for framework, row in rows.items():
-        if framework != "fmnist_jax" and "s_per_epoch" in row:
-            rows["fmnist_jax"][f"ratio_to_{framework}"] = (
-                rows["fmnist_jax"]["s_per_epoch"] / row["s_per_epoch"])
+    for ours in ("fmnist_jax", "fmnist_jax_warm"):
+        for framework, row in rows.items():
+            if not framework.startswith("fmnist_jax") and "s_per_epoch" in row:
+                rows[ours][f"epoch_ratio_to_{framework}"] = (
+                    rows[ours]["s_per_epoch"] / row["s_per_epoch"])
+                rows[ours][f"wall_ratio_to_{framework}"] = rows[ours]["wall_s"] / row["wall_s"]
     return {"epochs": epochs, "batch_size": batch, "rows": rows}
 
 
-def time_to_accuracy(target: float, extra: list[str]) -> dict:
-    ours = _ours(["--model=cnn", "--test_every_epoch", *extra])
-    reached = next((r for r in ours["records"] if r["test_accuracy"] >= target), None)
-    return {"target": target, "args": extra,
-            "seconds": reached["process_age_s"] if reached else None,
-            "epoch": reached["epoch"] if reached else None,
-            "per_epoch": [(r["epoch"], round(r["process_age_s"], 1), r["test_accuracy"])
-                          for r in ours["records"]],
-            "final_test_accuracy": ours["summary"]["test_accuracy"],
-            "peak_rss_mb": ours["summary"]["peak_rss_mb"]}
+def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: float | None
+                     ) -> dict:
+    run = _ours(["--test_every_epoch", *extra])
+    reached = {}
+    for target in targets:
+        record = next((r for r in run["records"] if r["test_accuracy"] >= target), None)
+        reached[str(target)] = None if record is None else {
+            "seconds": record["process_age_s"], "epoch": record["epoch"],
+            "pytorch_epochs": (record["process_age_s"] / pytorch_epoch
+                               if pytorch_epoch else None)}
+    return {"args": extra, "reached": reached, "pytorch_epoch_s": pytorch_epoch,
+            "per_epoch": [(r["epoch"], round(r["process_age_s"], 1), r["test_accuracy"],
+                           r.get("val_accuracy")) for r in run["records"]],
+            "final_test_accuracy": run["summary"]["test_accuracy"],
+            "final_val_accuracy": run["summary"]["val_accuracy"],
+            "wall_s": run["wall_s"], "peak_rss_mb": run["summary"]["peak_rss_mb"]}
+
+
+RSS_SCRIPT = """
+import sys, json
+import numpy as np
+import fmnist_jax
+from fmnist_jax.data import Dataset, Split, load_dataset
+data = load_dataset()
+preset = sys.argv[1]
+config = fmnist_jax.preset(preset, epochs=1, progress=False)
+cut = config.batch_size * 20
+train = Split(data.train.images[:cut], data.train.labels[:cut])
+result = fmnist_jax.fit(config, data=Dataset(train, data.validation, data.test))
+print(json.dumps({"peak_rss_mb": result.summary["peak_rss_mb"]}))
+"""
+
+
+def rss() -> dict:
+    from fmnist_jax.config import PRESETS
+
+    out = {}
+    for name in PRESETS:
+        done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, name], capture_output=True,
+                              text=True, check=True, cwd=REPO)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return out
 
 
 def startup() -> dict:
@@ -117,29 +167,48 @@ def startup() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="mlp_seed,cnn_seed,time_to_accuracy,startup")
+    parser.add_argument("--only", default="mlp_seed,cnn_seed,time_to_accuracy,rss,startup")
     parser.add_argument("--peers_python", default=str(REPO / ".venv-peers/bin/python"),
                         help="python with torch and keras (make peers); '' skips peers")
-    parser.add_argument("--mlp_epochs", type=int, default=4)
+    parser.add_argument("--mlp_epochs", type=int, default=10)
     parser.add_argument("--cnn_epochs", type=int, default=3)
-    parser.add_argument("--target", type=float, default=0.91)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the seed comparisons this many times (the spread)")
+    parser.add_argument("--targets", default="0.93",
+                        help="test accuracies for time_to_accuracy, comma-separated")
     parser.add_argument("--tta_args", default="",
-                        help="extra flags for the time-to-accuracy run, space-separated")
+                        help="flags of the time-to-accuracy run, space-separated "
+                             "(default: the default CNN)")
+    parser.add_argument("--pytorch_epoch_s", type=float, default=0.0,
+                        help="the PyTorch seed-CNN epoch to divide by, when cnn_seed is "
+                             "not part of this run")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args()
     peers = args.peers_python if args.peers_python and Path(args.peers_python).exists() \
         else None
     results = {"machine": _machine(), "args": vars(args)}
-    for part in args.only.split(","):
-        if part in ("mlp_seed", "cnn_seed"):
-            results[part] = seed_model(part, args.mlp_epochs if part == "mlp_seed"
-                                       else args.cnn_epochs, peers)
-        elif part == "time_to_accuracy":
-            results[part] = time_to_accuracy(args.target, args.tta_args.split())
-        elif part == "startup":
-            results[part] = startup()
+    parts = args.only.split(",")
+    for part in (p for p in ("mlp_seed", "cnn_seed") if p in parts):
+        epochs = args.mlp_epochs if part == "mlp_seed" else args.cnn_epochs
+        results[part] = [seed_model(part, epochs, peers) for _ in range(args.repeats)]
         Path(args.out).write_text(json.dumps(results, indent=2))
+    if "time_to_accuracy" in parts:
+        results["time_to_accuracy"] = time_to_accuracy(
+            [float(t) for t in args.targets.split(",")], args.tta_args.split(),
+            args.pytorch_epoch_s or pytorch_epoch(results))
+    if "rss" in parts:
+        results["rss"] = rss()
+    if "startup" in parts:
+        results["startup"] = startup()
+    Path(args.out).write_text(json.dumps(results, indent=2))
     print(_table(results))
+
+
+def pytorch_epoch(results: dict) -> float | None:
+    """The steady-state epoch of the seed CNN in PyTorch, median over the repeats."""
+    epochs = [r["rows"]["torch"]["s_per_epoch"] for r in results.get("cnn_seed", [])
+              if "s_per_epoch" in r["rows"].get("torch", {})]
+    return statistics.median(epochs) if epochs else None
 
 
 def _machine() -> dict:
@@ -155,34 +224,40 @@ def _machine() -> dict:
 def _table(results: dict) -> str:
     lines = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores"]
     for part in ("mlp_seed", "cnn_seed"):
-        if part not in results:
-            continue
-        r = results[part]
-        lines.append(f"\n{part} (batch {r['batch_size']}, {r['epochs']} epochs; steady "
-                     "state = median of epochs 2+):")
-        lines.append(f"  {'':<11}{'s/epoch':>9}{'spread':>16}{'images/s':>10}"
-                     f"{'test acc':>10}{'peak RSS':>10}{'ours/this':>10}")
-        ours = r["rows"]["fmnist_jax"]["s_per_epoch"]
-        for name, row in r["rows"].items():
-            if "error" in row:
-                lines.append(f"  {name:<11} failed: {row['error'][-120:]}")
-                continue
-            spread = f"{row['min']:.2f}-{row['max']:.2f}"
-            lines.append(f"  {name:<11}{row['s_per_epoch']:>9.2f}{spread:>16}"
-                         f"{row['images_per_s']:>10,.0f}{100 * row['test_accuracy']:>9.2f}%"
-                         f"{row['peak_rss_mb']:>8,.0f}MB{ours / row['s_per_epoch']:>10.2f}")
+        for i, r in enumerate(results.get(part, [])):
+            lines.append(f"\n{part} run {i + 1} (batch {r['batch_size']}, {r['epochs']} "
+                         "epochs; steady state = median of epochs 2+; whole = launch to exit):")
+            lines.append(f"  {'':<16}{'s/epoch':>9}{'whole s':>9}{'test acc':>10}"
+                         f"{'peak RSS':>10}{'epoch ratio':>13}{'whole ratio':>13}")
+            for name, row in r["rows"].items():
+                if "error" in row:
+                    lines.append(f"  {name:<16} failed: {row['error'][-120:]}")
+                    continue
+                ratio = lambda kind: row.get(f"{kind}_ratio_to_torch")  # noqa: E731
+                show = lambda v: f"{v:>13.2f}" if v is not None else f"{'':>13}"  # noqa
+                lines.append(f"  {name:<16}{row['s_per_epoch']:>9.2f}{row['wall_s']:>9.1f}"
+                             f"{100 * row['test_accuracy']:>9.2f}%"
+                             f"{row['peak_rss_mb']:>8,.0f}MB{show(ratio('epoch'))}"
+                             f"{show(ratio('wall'))}")
     if "time_to_accuracy" in results:
         t = results["time_to_accuracy"]
-        got = f"{t['seconds']:.1f} s (epoch {t['epoch']})" if t["seconds"] else "not reached"
-        lines.append(f"\ndefault cnn {' '.join(t['args'])}: process start to "
-                     f"{100 * t['target']:.1f}% test accuracy: {got}; final "
-                     f"{100 * t['final_test_accuracy']:.2f}%, peak RSS "
+        for target, got in t["reached"].items():
+            text = "not reached" if got is None else (
+                f"{got['seconds']:.1f} s (epoch {got['epoch']})" + (
+                    f" = {got['pytorch_epochs']:.2f} PyTorch epochs"
+                    if got["pytorch_epochs"] else ""))
+            lines.append(f"\n{' '.join(t['args']) or 'default cnn'}: process start to "
+                         f"{100 * float(target):.1f}% test: {text}")
+        lines.append(f"  final test {100 * t['final_test_accuracy']:.2f}%, val "
+                     f"{100 * t['final_val_accuracy']:.2f}%, peak RSS "
                      f"{t['peak_rss_mb']:,.0f} MB")
-    if "startup" in results:
-        for label, s in results["startup"].items():
-            lines.append(f"startup, {label} compilation cache: training loop starts at "
-                         f"{s['training_loop_starts_s']:.1f} s, first step done at "
-                         f"{s['first_step_done_s']:.1f} s")
+    if "rss" in results:
+        lines.append("\npeak RSS: " + ", ".join(f"{k} {v:,.0f} MB"
+                                               for k, v in results["rss"].items()))
+    for label, s in results.get("startup", {}).items():
+        lines.append(f"startup, {label} compilation cache: training loop starts at "
+                     f"{s['training_loop_starts_s']:.1f} s, first step done at "
+                     f"{s['first_step_done_s']:.1f} s")
     return "\n".join(lines)
 
 

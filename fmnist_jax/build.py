@@ -79,7 +79,8 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
                        replicated=devices.replicated, dtype=jnp.dtype(config.dtype),
                        ema_decay=config.ema_decay,
                        augment=Augment(config.random_crop, config.random_flip,
-                                       config.random_erasing) or None)
+                                       config.random_erasing) or None,
+                       tta_flip=config.tta_flip)
     return Built(pipeline, graphdef, state, steps, schedule, custom,
                  custom.get("model", config.model),
                  sum(x.size for x in jax.tree.leaves(state.params)))

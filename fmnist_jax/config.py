@@ -71,6 +71,8 @@ class Config:
     random_flip: bool = _f(False, "augmentation: mirror left-right with probability 1/2")
     random_erasing: float = _f(0.0, "augmentation: black out a random rectangle with this "
                                "probability")
+    tta_flip: bool = _f(False, "evaluate (validation, test, predict, export) on the mean of "
+                                "the logits of each image and of its mirror image")
     ema_decay: float = _f(0.998, "keep an exponential moving average of the weights (decay "
                           "per step, at most (1+t)/(10+t) at step t) and evaluate, "
                           "checkpoint and predict with it; 0 turns it off")

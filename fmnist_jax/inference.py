@@ -49,10 +49,12 @@ class Classifier:
     dtype: str = "float32"
     step: int | None = None  # the checkpoint's step, when loaded from one
     description: str = ""  # which weights these are, in words
+    tta_flip: bool = False  # the run's --tta_flip: logits averaged with the mirror image's
 
     @functools.cached_property
     def _eval_batches(self):
-        return make_eval_steps(self.graphdef, jnp.dtype(self.dtype)).eval_batches
+        return make_eval_steps(self.graphdef, jnp.dtype(self.dtype),
+                               self.tta_flip).eval_batches
 
     @property
     def model(self) -> nnx.Module:
@@ -127,7 +129,7 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
         chosen, description, variables = _restore(
             workdir, config, summary, step, best, {"params": params, "model_state": model_state})
     return Classifier(graphdef, {**variables, "rngs": rngs}, config.eval_batch_size,
-                      config.dtype, chosen, description)
+                      config.dtype, chosen, description, config.tta_flip)
 
 
 def _restore(workdir: Path, config: Config, summary: dict | None, step: int | None,

@@ -35,6 +35,7 @@ from fmnist_jax import metrics as metrics_lib
 from fmnist_jax import parallel
 from fmnist_jax.config import Config, monitor_sign
 from fmnist_jax.errors import UserError
+from fmnist_jax.report import process_age
 from fmnist_jax.steps import TrainState, inference_variables
 
 
@@ -244,6 +245,8 @@ class Trainer:
                 scores, _ = evaluate(self.built, state, split)
                 record.update({f"{prefix}_loss": scores["loss"],
                                f"{prefix}_accuracy": scores["accuracy"]})
+        if self.config.test_every_epoch:  # for time-to-accuracy benchmarks
+            record["process_age_s"] = process_age()
         record["wall_time_s"] = progress.wall_time_s + time.perf_counter() - self.started
         progress.history.append(record)
         self._early_stopping(state, progress, record)

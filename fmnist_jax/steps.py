@@ -181,7 +181,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-              dtype=jnp.float32) -> jax.Array:
+              dtype=jnp.float32, tta_flip: bool = False) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
     mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
     (:func:`inference_variables`).
@@ -189,18 +189,24 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     Every evaluation of the library goes through this function: validation and test
     during training, ``fmnist-evaluate``, ``fmnist-predict`` and ``Result.predict``; loss
     and accuracy are computed from its logits (:func:`fmnist_jax.metrics.classification`).
+    With ``tta_flip`` the logits are the mean of the image's and its mirror image's (test-time
+    augmentation: clothing is mirror-symmetric).
     """
     model = _merge(graphdef, variables, dtype)
     model.eval()
-    return model(normalize(images).astype(dtype)).astype(jnp.float32)
+    x = normalize(images).astype(dtype)
+    logits = model(x).astype(jnp.float32)
+    if tta_flip:
+        logits = (logits + model(x[:, :, ::-1]).astype(jnp.float32)) / 2
+    return logits
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-                 dtype=jnp.float32) -> jax.Array:
+                 dtype=jnp.float32, tta_flip: bool = False) -> jax.Array:
     """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
     logits ``(batches, batch, 10)``."""
-    return jax.lax.map(
-        lambda batch: eval_step(variables, batch, graphdef=graphdef, dtype=dtype), images)
+    return jax.lax.map(lambda batch: eval_step(variables, batch, graphdef=graphdef,
+                                               dtype=dtype, tta_flip=tta_flip), images)
 
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -240,7 +246,7 @@ class Steps(NamedTuple):
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                *, replicated=None, dtype=jnp.float32, ema_decay: float = 0.0,
-               augment: Callable | None = None) -> Steps:
+               augment: Callable | None = None, tta_flip: bool = False) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
 
     ``replicated`` (a sharding) pins the state and the metrics to every device of the
@@ -255,7 +261,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train), **options),
         train_batches=jax.jit(functools.partial(scan_train_batches, step_fn=train),
                               **options),
-        **make_eval_steps(graphdef, dtype)._asdict(),
+        **make_eval_steps(graphdef, dtype, tta_flip)._asdict(),
     )
 
 
@@ -264,11 +270,11 @@ class EvalSteps(NamedTuple):
     eval_batches: Callable
 
 
-def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32) -> EvalSteps:
+def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32,
+                    tta_flip: bool = False) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
     options = {"compiler_options": cpu_compiler_options()}
+    bound = {"graphdef": graphdef, "dtype": dtype, "tta_flip": tta_flip}
     return EvalSteps(
-        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, dtype=dtype),
-                          **options),
-        eval_batches=jax.jit(functools.partial(eval_batches, graphdef=graphdef,
-                                               dtype=dtype), **options))
+        eval_step=jax.jit(functools.partial(eval_step, **bound), **options),
+        eval_batches=jax.jit(functools.partial(eval_batches, **bound), **options))

@@ -44,7 +44,7 @@ from fmnist_jax.kernels import unroll_threefry_on_cpu
 from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, StopSignal,
                              Trainer, evaluate)
 from fmnist_jax.metrics import prepare_workdir
-from fmnist_jax.report import Reporter, log
+from fmnist_jax.report import Reporter, log, process_age
 from fmnist_jax.steps import LossFn, Steps, TrainState, inference_variables
 
 __all__ = ["Interrupted", "Preempted", "Result", "enable_compilation_cache", "fit", "main",
@@ -68,7 +68,7 @@ class Result:
         """The run's model, ready to classify raw images."""
         return Classifier(self.graphdef, self.variables, self.config.eval_batch_size,
                           self.config.dtype, self.summary["checkpoint_step"],
-                          "the run's model")
+                          "the run's model", self.config.tta_flip)
 
     @property
     def model(self) -> nnx.Module:
@@ -118,7 +118,8 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
             except BaseException:
                 reporter.close()
                 if checkpointer:
-                    checkpointer.close()  # the checkpoint being written is completed
+                    with contextlib.suppress(Exception):  # the first error is the one to tell
+                        checkpointer.close()  # the checkpoint being written is completed
                 raise
             reporter.close()
             _close(checkpointer, stop, out)
@@ -289,12 +290,14 @@ def _summary(built: Built, config: Config, state: TrainState, progress: Progress
         # step (the best epoch's under early stopping, else the last), their moving
         # average when --ema_decay > 0. fmnist-evaluate and load_model use them.
         "checkpoint_step": step, "weights": "ema" if state.ema is not None else "raw",
+        "tta_flip": config.tta_flip,
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         # Steady state: the first epoch of a process includes compilation.
         "train_images_per_s": (statistics.median(throughput[1:] or throughput)
                                if throughput else None),
         **reporter.timings,
+        "test_done_s": process_age(),  # after the test evaluation, before the plots
         "peak_rss_mb": peak_rss_mb(),
         "jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "num_devices": jax.device_count(), "num_processes": jax.process_count(),

@@ -202,3 +202,17 @@ def test_ema_moves_and_is_what_evaluation_uses():
                                                             images))
     live = steps.eval_step(inference_variables(state.replace(ema=None)), images)
     assert not np.allclose(live, with_ema)
+
+
+def test_flip_test_time_augmentation_averages_the_mirror_images_logits():
+    _, state, steps = _setup()
+    graphdef = _setup()[0]
+    variables = inference_variables(state)
+    images = _batch(8)["image"]
+    tta = make_steps(graphdef, optax.adam(1e-3), make_loss(), tta_flip=True)
+    plain = np.asarray(steps.eval_step(variables, images))
+    mirrored = np.asarray(steps.eval_step(variables, images[:, :, ::-1]))
+    np.testing.assert_allclose(tta.eval_step(variables, images), (plain + mirrored) / 2,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tta.eval_step(variables, images[:, :, ::-1]),
+                               tta.eval_step(variables, images), rtol=1e-5, atol=1e-6)

@@ -32,14 +32,15 @@ def test_real_data_smoke(real_data_dir, tmp_path):
 
 def test_writes_config_metrics_and_summary(tmp_path):
     config = Config(model="mlp", epochs=3, batch_size=64, learning_rate=1e-3,
-                    warmup_epochs=1.0, **QUICK)
+                    warmup_epochs=1.0, test_every_epoch=True, **QUICK)
     fit(config, data=tiny_dataset(), workdir=str(tmp_path))
     assert Config.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert [r["step"] for r in records] == [8, 16, 24]  # 512 images // 64
     for key in ("learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                "wall_time_s", "epoch_time_s", "images_per_s"):
+                "wall_time_s", "epoch_time_s", "images_per_s", "test_loss", "test_accuracy",
+                "process_age_s"):  # the last three with --test_every_epoch
         assert all(isinstance(r[key], float) for r in records), key
     # warmup_cosine: 1 epoch of warm-up then cosine to 0 at the last step.
     assert records[0]["learning_rate"] == pytest.approx(1e-3)
