@@ -50,11 +50,13 @@ class Reporter:
         self.timings = {"training_starts_s": None}
         self.throughput: list[float] = []  # images/s of each epoch of this process
 
-    def start(self, line: str, steps_per_epoch: int, history: list[dict],
-              custom: dict) -> None:
-        """Prints the start-up line; writes config.json and the history so far."""
+    def start(self, line: str, steps_per_epoch: int) -> None:
+        """Prints the start-up line."""
         log(line + (f"; writing to {self.out}" if self.out else ""))
         self.steps_per_epoch = steps_per_epoch
+
+    def open(self, history: list[dict], custom: dict) -> None:
+        """Writes config.json and the history so far; opens the metric files."""
         self.timings["training_starts_s"] = process_age()
         if self.out is None:
             return

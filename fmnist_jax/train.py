@@ -108,9 +108,9 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
             reporter = Reporter(out, config)
             checkpointer = _checkpointer(out, config, started)
             try:
+                reporter.start(built.describe(config, devices), built.pipeline.steps_per_epoch)
                 state, progress = _resume(checkpointer, built.state, config)
-                reporter.start(built.describe(config, devices),
-                               built.pipeline.steps_per_epoch, progress.history, built.custom)
+                reporter.open(progress.history, built.custom)
                 hooks = [h for h in (checkpointer, reporter, _StopCheck(out, built, stop)) if h]
                 trainer = Trainer(built, config, hooks, stop, started,
                                   keep_best=bool(config.patience) and checkpointer is None)
