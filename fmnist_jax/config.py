@@ -20,9 +20,9 @@ DATA_SOURCES = ("idx", "tfds")
 # step takes 1.4 s for the 15,000 validation and test images, against 2.8 s at 1,000 (the
 # patches of the convolutions stay in cache); an accelerator wants large batches.
 BACKEND_DEFAULTS = {
-    "cpu": {"eval_batch_size": 100, "steps_per_dispatch": 100},
-    "gpu": {"eval_batch_size": 1000, "steps_per_dispatch": 100},
-    "tpu": {"eval_batch_size": 1000, "steps_per_dispatch": 100},
+    "cpu": {"eval_batch_size": 100},
+    "gpu": {"eval_batch_size": 1000},
+    "tpu": {"eval_batch_size": 1000},
 }
 MONITORS = ("val_accuracy", "val_loss")
 DTYPES = ("float32", "bfloat16")
@@ -92,7 +92,8 @@ class Config:
     eval_batch_size: int = _f(0, "images per evaluation step; 0: the backend's default "
                               "(BACKEND_DEFAULTS: cpu 100, gpu and tpu 1000)")
     steps_per_dispatch: int = _f(0, "training steps run on the device per host call; 0: the "
-                                 "backend's default (100)")
+                                 "divisor of the epoch's steps nearest to 100 (every "
+                                 "dispatch the same length: one compilation)")
     # Devices.
     dtype: str = _f("float32", "compute dtype; bfloat16 for TPU/GPU (parameters and "
                                "optimizer state stay float32)", DTYPES)

@@ -39,8 +39,18 @@ def batched(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([images, pad]).reshape(batches, batch_size, *images.shape[1:])
 
 
-def unbatched(logits, n: int) -> np.ndarray:
-    """The logits of :func:`batched` images on the host, ``(n, classes)``, padding dropped."""
+def dispatch_steps(steps_per_epoch: int, near: int) -> int:
+    """Steps per dispatch: the divisor of ``steps_per_epoch`` nearest to ``near`` (between
+    half and ten times it), so every dispatch of an epoch has the same length and the scan
+    compiles once; ``near`` when there is none (a shorter last dispatch compiles again)."""
+    divisors = [d for d in range(max(1, near // 2), min(steps_per_epoch, 10 * near) + 1)
+                if steps_per_epoch % d == 0]
+    return min(divisors, key=lambda d: abs(np.log(d / near))) if divisors else near
+
+
+def unbatched(logits, n: int | None) -> np.ndarray:
+    """The logits of :func:`batched` images on the host, ``(n, classes)``, padding dropped
+    (``n`` None: all of them)."""
     logits = to_host(logits)
     return logits.reshape(-1, logits.shape[-1])[:n]
 
@@ -72,12 +82,17 @@ class DeviceResident:
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
-        self.steps_per_dispatch = steps_per_dispatch
+        self.steps_per_dispatch = steps_per_dispatch or dispatch_steps(self.steps_per_epoch,
+                                                                       100)
         self.train = devices.replicate((train.images, train.labels))
         eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.splits = {name: split for name, split in evals.items() if split is not None}
-        self.evals = {name: devices.put(batched(split.images, eval_batch_size),
-                                        devices.sharded(axis=1))
+        # Every evaluation runs in chunks of the first split's number of batches (the
+        # others padded with blank batches to a multiple): one program, one compilation.
+        first = next(iter(self.splits.values()))
+        self.eval_chunk = -(-len(first.labels) // eval_batch_size)
+        self.evals = {name: devices.put(_chunked(batched(split.images, eval_batch_size),
+                                                 self.eval_chunk), devices.sharded(axis=1))
                       for name, split in self.splits.items()}
         self.has_validation = "validation" in self.evals
         self._seed = list(seed)
@@ -102,12 +117,20 @@ class DeviceResident:
 
     def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
         """The logits ``(N, 10)`` of every image of ``split``, on the host."""
-        return unbatched(steps.eval_batches(variables, self.evals[split]),
-                         len(self.splits[split].labels))
+        batches, chunk = self.evals[split], self.eval_chunk
+        logits = [unbatched(steps.eval_batches(variables, batches[i:i + chunk]), None)
+                  for i in range(0, len(batches), chunk)]
+        return np.concatenate(logits)[:len(self.splits[split].labels)]
 
     def split(self, name: str) -> Split:
         """The images and labels of an evaluation split, on the host."""
         return self.splits[name]
+
+
+def _chunked(batches: np.ndarray, chunk: int) -> np.ndarray:
+    """``batches`` followed by blank batches, up to a multiple of ``chunk``."""
+    pad = -len(batches) % chunk
+    return np.concatenate([batches, np.zeros((pad, *batches.shape[1:]), batches.dtype)])
 
 
 class Streamed:
@@ -137,7 +160,8 @@ class Streamed:
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
-        self.steps_per_dispatch = steps_per_dispatch
+        self.steps_per_dispatch = steps_per_dispatch or dispatch_steps(self.steps_per_epoch,
+                                                                       100)
         self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.sources = {"validation": source[:validation_size],
                         "test": grain.MapDataset.source(sources["test"]).map(_record)}
