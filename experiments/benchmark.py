@@ -14,11 +14,12 @@ timed from launch to exit (what a user waits for). Measured:
   accuracy and peak RSS; then our times divided by each peer's. ``--repeats`` runs the
   whole comparison again and reports the spread. Ours runs with an empty compilation cache
   (a user's first run) and again with it filled (every later run).
-- ``time_to_accuracy``: the default ``--model=cnn`` (and each further ``--tta_args``, e.g.
-  ``--tta_args=--preset=best_cpu``), from process start to the first epoch whose test
-  accuracy reaches each of ``--targets`` (the test split is evaluated after every epoch for
-  this measurement only), and to the end of the process, in seconds and in **PyTorch
-  epochs**: the steady-state epoch of the seed CNN in PyTorch measured in the same run.
+- ``time_to_accuracy``: the default ``--model=cnn`` (and each further ``--tta_args``,
+  e.g. ``--tta_args="--random_crop=2 --epochs=20"``), from process start to the first
+  epoch whose test accuracy reaches each of ``--targets`` (the test split is evaluated
+  after every epoch for this measurement only), and to the end of the process, in seconds
+  and in **PyTorch epochs**: the steady-state epoch of the seed CNN in PyTorch measured in
+  the same run.
 - ``plots``: seconds from the test result to the end of the process (plots, exit), from
   the seed runs above.
 - ``rss``: peak RSS of every preset, on a run cut to 20 training steps and both
