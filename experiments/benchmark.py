@@ -238,12 +238,12 @@ def _table(results: dict) -> str:
                 if "error" in row:
                     lines.append(f"  {name:<16} failed: {row['error'][-120:]}")
                     continue
-                ratio = lambda kind: row.get(f"{kind}_ratio_to_torch")  # noqa: E731
-                show = lambda v: f"{v:>13.2f}" if v is not None else f"{'':>13}"  # noqa
+                ratios = "".join(
+                    f"{row[key]:>13.2f}" if key in row else f"{'':>13}"
+                    for key in ("epoch_ratio_to_torch", "wall_ratio_to_torch"))
                 lines.append(f"  {name:<16}{row['s_per_epoch']:>9.2f}{row['wall_s']:>9.1f}"
                              f"{100 * row['test_accuracy']:>9.2f}%"
-                             f"{row['peak_rss_mb']:>8,.0f}MB{show(ratio('epoch'))}"
-                             f"{show(ratio('wall'))}")
+                             f"{row['peak_rss_mb']:>8,.0f}MB{ratios}")
     for t in results.get("time_to_accuracy", []):
         for target, got in t["reached"].items():
             text = "not reached" if got is None else (
