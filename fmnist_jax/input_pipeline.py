@@ -39,10 +39,13 @@ def batched(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([images, pad]).reshape(batches, batch_size, *images.shape[1:])
 
 
-def dispatch_steps(steps_per_epoch: int, near: int) -> int:
-    """Steps per dispatch: the divisor of ``steps_per_epoch`` nearest to ``near`` (between
-    half and ten times it), so every dispatch of an epoch has the same length and the scan
-    compiles once; ``near`` when there is none (a shorter last dispatch compiles again)."""
+def dispatch_steps(steps_per_epoch: int, requested: int = 0, near: int = 100) -> int:
+    """Steps per dispatch: ``requested`` when given (``--steps_per_dispatch``), else the
+    divisor of ``steps_per_epoch`` nearest to ``near`` (between half and ten times it), so
+    every dispatch of an epoch has the same length and the scan compiles once; ``near``
+    when there is none (a shorter last dispatch compiles again)."""
+    if requested:
+        return requested
     divisors = [d for d in range(max(1, near // 2), min(steps_per_epoch, 10 * near) + 1)
                 if steps_per_epoch % d == 0]
     return min(divisors, key=lambda d: abs(np.log(d / near))) if divisors else near
@@ -82,8 +85,7 @@ class DeviceResident:
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
-        self.steps_per_dispatch = steps_per_dispatch or dispatch_steps(self.steps_per_epoch,
-                                                                       100)
+        self.steps_per_dispatch = dispatch_steps(self.steps_per_epoch, steps_per_dispatch)
         self.train = devices.replicate((train.images, train.labels))
         eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.splits = {name: split for name, split in evals.items() if split is not None}
@@ -160,8 +162,7 @@ class Streamed:
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_train // batch_size
-        self.steps_per_dispatch = steps_per_dispatch or dispatch_steps(self.steps_per_epoch,
-                                                                       100)
+        self.steps_per_dispatch = dispatch_steps(self.steps_per_epoch, steps_per_dispatch)
         self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.sources = {"validation": source[:validation_size],
                         "test": grain.MapDataset.source(sources["test"]).map(_record)}

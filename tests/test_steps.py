@@ -216,3 +216,15 @@ def test_flip_test_time_augmentation_averages_the_mirror_images_logits():
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tta.eval_step(variables, images[:, :, ::-1]),
                                tta.eval_step(variables, images), rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_steps_divide_the_epoch():
+    from fmnist_jax.input_pipeline import dispatch_steps
+
+    # The divisor nearest to 100 (in log distance): every dispatch the same length.
+    assert dispatch_steps(429) == 143  # batch 128: 3 dispatches of 143
+    assert dispatch_steps(1718) == 859  # batch 32: 2 of 859
+    assert dispatch_steps(390) == 78
+    assert dispatch_steps(97) == 97  # a prime within range: one dispatch per epoch
+    assert dispatch_steps(8) == 100  # no divisor in [50, 1000]: 100, as before
+    assert dispatch_steps(429, requested=7) == 7  # --steps_per_dispatch wins
