@@ -80,7 +80,7 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
                        ema_decay=config.ema_decay,
                        augment=Augment(config.random_crop, config.random_flip,
                                        config.random_erasing) or None,
-                       tta_flip=config.tta_flip)
+                       tta_flip=config.tta_flip, tta_shift=config.tta_shift)
     return Built(pipeline, graphdef, state, steps, schedule, custom,
                  custom.get("model", config.model),
                  sum(x.size for x in jax.tree.leaves(state.params)))

@@ -50,11 +50,12 @@ class Classifier:
     step: int | None = None  # the checkpoint's step, when loaded from one
     description: str = ""  # which weights these are, in words
     tta_flip: bool = False  # the run's --tta_flip: logits averaged with the mirror image's
+    tta_shift: bool = False  # the run's --tta_shift: and over 1-pixel translations
 
     @functools.cached_property
     def _eval_batches(self):
         return make_eval_steps(self.graphdef, jnp.dtype(self.dtype),
-                               self.tta_flip).eval_batches
+                               self.tta_flip, self.tta_shift).eval_batches
 
     @property
     def model(self) -> nnx.Module:
@@ -129,7 +130,7 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
         chosen, description, variables = _restore(
             workdir, config, summary, step, best, {"params": params, "model_state": model_state})
     return Classifier(graphdef, {**variables, "rngs": rngs}, config.eval_batch_size,
-                      config.dtype, chosen, description, config.tta_flip)
+                      config.dtype, chosen, description, config.tta_flip, config.tta_shift)
 
 
 def _restore(workdir: Path, config: Config, summary: dict | None, step: int | None,

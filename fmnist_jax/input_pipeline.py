@@ -117,10 +117,13 @@ class DeviceResident:
             state, metrics = steps.train_scan(state, images, labels, indices)
             yield state, metrics, indices.shape[0]
 
-    def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
-        """The logits ``(N, 10)`` of every image of ``split``, on the host."""
+    def evaluate(self, variables: dict, split: str, steps: Steps, monitor: bool = False
+                 ) -> np.ndarray:
+        """The logits ``(N, 10)`` of every image of ``split``, on the host (``monitor``:
+        without test-time augmentation)."""
         batches, chunk = self.evals[split], self.eval_chunk
-        logits = [unbatched(steps.eval_batches(variables, batches[i:i + chunk]), None)
+        run = steps.monitor_batches if monitor else steps.eval_batches
+        logits = [unbatched(run(variables, batches[i:i + chunk]), None)
                   for i in range(0, len(batches), chunk)]
         return np.concatenate(logits)[:len(self.splits[split].labels)]
 
@@ -194,13 +197,16 @@ class Streamed:
         finally:
             chunks.close()  # an epoch left half-read (early stop, error) stops Grain's threads
 
-    def evaluate(self, variables: dict, split: str, steps: Steps) -> np.ndarray:
-        """The logits ``(N, 10)`` of every image of ``split``, on the host."""
+    def evaluate(self, variables: dict, split: str, steps: Steps, monitor: bool = False
+                 ) -> np.ndarray:
+        """The logits ``(N, 10)`` of every image of ``split``, on the host (``monitor``:
+        without test-time augmentation)."""
         dataset = self.sources[split]
+        run = steps.monitor_batches if monitor else steps.eval_batches
         padded = _padded(dataset, self.eval_batch_size)
         chunks = self._chunks(padded, self.eval_batch_size, self.steps_per_dispatch)
         try:
-            logits = [unbatched(steps.eval_batches(
+            logits = [unbatched(run(
                 variables, self.devices.shard_batch(chunk["image"], axis=1)),
                 len(chunk["image"]) * self.eval_batch_size) for chunk in chunks]
         finally:

@@ -242,7 +242,7 @@ class Trainer:
         for split, prefix in (("validation", "val"), ("test", "test")):
             if split == "validation" and self.built.pipeline.has_validation or \
                     split == "test" and self.config.test_every_epoch:
-                scores, _ = evaluate(self.built, state, split)
+                scores, _ = evaluate(self.built, state, split, monitor=True)
                 record.update({f"{prefix}_loss": scores["loss"],
                                f"{prefix}_accuracy": scores["accuracy"]})
         if self.config.test_every_epoch:  # for time-to-accuracy benchmarks
@@ -283,10 +283,11 @@ class NonFiniteLoss(Exception):
         self.step, self.epoch = step, epoch
 
 
-def evaluate(built, state: TrainState, split: str, variables: dict | None = None
-             ) -> tuple[dict, np.ndarray]:
+def evaluate(built, state: TrainState, split: str, variables: dict | None = None,
+             monitor: bool = False) -> tuple[dict, np.ndarray]:
     """Loss, accuracy and count of ``split`` (with the state's inference weights, or
-    ``variables``), and the logits they were computed from."""
+    ``variables``), and the logits they were computed from; ``monitor``: without the
+    run's test-time augmentation (the per-epoch evaluations)."""
     variables = variables if variables is not None else inference_variables(state)
-    logits = built.pipeline.evaluate(variables, split, built.steps)
+    logits = built.pipeline.evaluate(variables, split, built.steps, monitor)
     return metrics_lib.classification(logits, built.pipeline.split(split).labels), logits

@@ -181,7 +181,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-              dtype=jnp.float32, tta_flip: bool = False) -> jax.Array:
+              dtype=jnp.float32, tta_flip: bool = False, tta_shift: bool = False
+              ) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
     mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
     (:func:`inference_variables`).
@@ -189,24 +190,40 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     Every evaluation of the library goes through this function: validation and test
     during training, ``fmnist-evaluate``, ``fmnist-predict`` and ``Result.predict``; loss
     and accuracy are computed from its logits (:func:`fmnist_jax.metrics.classification`).
-    With ``tta_flip`` the logits are the mean of the image's and its mirror image's (test-time
-    augmentation: clothing is mirror-symmetric).
+    With test-time augmentation the logits are the mean over :func:`tta_views`.
     """
     model = _merge(graphdef, variables, dtype)
     model.eval()
-    x = normalize(images).astype(dtype)
-    logits = model(x).astype(jnp.float32)
-    if tta_flip:
-        logits = (logits + model(x[:, :, ::-1]).astype(jnp.float32)) / 2
-    return logits
+    views = tta_views(images, flip=tta_flip, shift=tta_shift)
+    logits = [model(normalize(v).astype(dtype)).astype(jnp.float32) for v in views]
+    return sum(logits[1:], logits[0]) / len(logits) if len(logits) > 1 else logits[0]
+
+
+def tta_views(images: jax.Array, *, flip: bool = False, shift: bool = False) -> list:
+    """The views of ``(B, H, W, C)`` raw images that test-time augmentation averages over:
+    the images themselves; with ``shift`` the 9 translations by -1, 0 or +1 pixel along
+    each axis (black enters at the edge), as random crops of 1 or more pixels train the
+    model to expect; with ``flip`` each view and its mirror image (clothing is
+    mirror-symmetric)."""
+    views = [images]
+    if shift:
+        h, w = images.shape[1:3]
+        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        views = [padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    if flip:
+        views += [v[:, :, ::-1] for v in views]
+    return views
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-                 dtype=jnp.float32, tta_flip: bool = False) -> jax.Array:
+                 dtype=jnp.float32, tta_flip: bool = False, tta_shift: bool = False
+                 ) -> jax.Array:
     """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
     logits ``(batches, batch, 10)``."""
     return jax.lax.map(lambda batch: eval_step(variables, batch, graphdef=graphdef,
-                                               dtype=dtype, tta_flip=tta_flip), images)
+                                               dtype=dtype, tta_flip=tta_flip,
+                                               tta_shift=tta_shift), images)
 
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -240,14 +257,21 @@ class Steps(NamedTuple):
     train_scan: Callable
     # (state, batched images, batched labels) -> (state, per-step metrics); donates
     train_batches: Callable
+    # The run's evaluation, with its test-time augmentation (if any):
     eval_step: Callable  # (variables, images) -> logits
     eval_batches: Callable  # (variables, batched images) -> batched logits
+    # eval_batches without test-time augmentation, one view per image: the per-epoch
+    # validation (and --test_every_epoch) that follows training and early stopping
+    monitor_batches: Callable
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                *, replicated=None, dtype=jnp.float32, ema_decay: float = 0.0,
-               augment: Callable | None = None, tta_flip: bool = False) -> Steps:
+               augment: Callable | None = None, tta_flip: bool = False,
+               tta_shift: bool = False) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
+    ``tta_flip`` and ``tta_shift`` (see :func:`tta_views`) apply to ``eval_step`` and
+    ``eval_batches``, not to ``monitor_batches``.
 
     ``replicated`` (a sharding) pins the state and the metrics to every device of the
     mesh, so that the outputs of one call fit the inputs of the next without recompiling.
@@ -256,13 +280,15 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
                               dtype=dtype, ema_decay=ema_decay, augment=augment)
     pinned = {} if replicated is None else {"out_shardings": replicated}
     options = {"donate_argnums": 0, "compiler_options": cpu_compiler_options(), **pinned}
+    evals = make_eval_steps(graphdef, dtype, tta_flip, tta_shift)
+    monitor = make_eval_steps(graphdef, dtype) if tta_flip or tta_shift else evals
     return Steps(
         train_step=jax.jit(train, **options),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train), **options),
         train_batches=jax.jit(functools.partial(scan_train_batches, step_fn=train),
                               **options),
-        **make_eval_steps(graphdef, dtype, tta_flip)._asdict(),
-    )
+        eval_step=evals.eval_step, eval_batches=evals.eval_batches,
+        monitor_batches=monitor.eval_batches)
 
 
 class EvalSteps(NamedTuple):
@@ -270,11 +296,12 @@ class EvalSteps(NamedTuple):
     eval_batches: Callable
 
 
-def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32,
-                    tta_flip: bool = False) -> EvalSteps:
+def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32, tta_flip: bool = False,
+                    tta_shift: bool = False) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
     options = {"compiler_options": cpu_compiler_options()}
-    bound = {"graphdef": graphdef, "dtype": dtype, "tta_flip": tta_flip}
+    bound = {"graphdef": graphdef, "dtype": dtype, "tta_flip": tta_flip,
+             "tta_shift": tta_shift}
     return EvalSteps(
         eval_step=jax.jit(functools.partial(eval_step, **bound), **options),
         eval_batches=jax.jit(functools.partial(eval_batches, **bound), **options))

@@ -68,7 +68,7 @@ class Result:
         """The run's model, ready to classify raw images."""
         return Classifier(self.graphdef, self.variables, self.config.eval_batch_size,
                           self.config.dtype, self.summary["checkpoint_step"],
-                          "the run's model", self.config.tta_flip)
+                          "the run's model", self.config.tta_flip, self.config.tta_shift)
 
     @property
     def model(self) -> nnx.Module:
@@ -242,7 +242,8 @@ def _finish(built: Built, config: Config, state: TrainState, progress: Progress,
     variables, step = _runs_model(built, config, state, progress, trainer, checkpointer)
     history = progress.history
     final = history[step_epoch(history, step)] if history else None
-    if final is None and built.pipeline.has_validation:  # no epoch trained
+    tta = config.tta_flip or config.tta_shift  # per-epoch validation saw one view an image
+    if (final is None or tta) and built.pipeline.has_validation:
         val, _ = evaluate(built, state, "validation", variables)
         final = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     test, logits = evaluate(built, state, "test", variables)
@@ -290,7 +291,7 @@ def _summary(built: Built, config: Config, state: TrainState, progress: Progress
         # step (the best epoch's under early stopping, else the last), their moving
         # average when --ema_decay > 0. fmnist-evaluate and load_model use them.
         "checkpoint_step": step, "weights": "ema" if state.ema is not None else "raw",
-        "tta_flip": config.tta_flip,
+        "tta_flip": config.tta_flip, "tta_shift": config.tta_shift,
         "wall_time_s": progress.wall_time_s + time.perf_counter() - started,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         # Steady state: the first epoch of a process includes compilation.

@@ -36,11 +36,13 @@ def test_parsing_types_and_presets():
     c = parse_config(["--preset=cnn_seed", "--epochs=3"])
     assert c == preset("cnn_seed", epochs=3)
     assert (c.optimizer, c.learning_rate, c.loss) == ("adadelta", 1.0, "categorical")
-    assert set(PRESETS) >= {"cnn", "mlp", "mlp_seed", "cnn_seed", "cnn_wide", "resnet"}
+    assert set(PRESETS) >= {"cnn", "mlp", "mlp_seed", "cnn_seed", "cnn_wide", "best_cpu",
+                            "best_cpu_long", "resnet"}
 
 
 @pytest.mark.parametrize("name, params", [("cnn", 390_858), ("cnn_wide", 876_586),
                                           ("cnn_seed", 1_199_882), ("mlp_seed", 266_610),
+                                          ("best_cpu", 688_586), ("best_cpu_long", 876_586),
                                           ("resnet", 2_777_610)])
 def test_presets_are_valid_and_build_their_models(name, params):
     from flax import nnx

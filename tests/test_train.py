@@ -101,6 +101,32 @@ def test_early_stopping_restores_the_best_epoch():
         result.summary["test_accuracy"]
 
 
+def test_test_time_augmentation_is_the_run_models_evaluation_not_the_epochs(tmp_path):
+    """With --tta_shift --tta_flip the summary's validation and test figures, the classifier
+    and fmnist-evaluate's model use the 18 views; the per-epoch validation (metrics.jsonl,
+    early stopping) evaluates each image once, so it costs no more than without."""
+    import dataclasses
+
+    from fmnist_jax.inference import load_model
+
+    config = Config(model="cnn", features=(4, 8), dense=16, epochs=2, batch_size=64,
+                    random_crop=1, tta_shift=True, tta_flip=True, **QUICK)
+    data = tiny_dataset()
+    result = fit(config, data=data, workdir=str(tmp_path))
+    s, classifier = result.summary, result.classifier
+    assert (s["tta_shift"], s["tta_flip"]) == (True, True)
+    assert (classifier.tta_shift, classifier.tta_flip) == (True, True)
+    plain = dataclasses.replace(classifier, tta_shift=False, tta_flip=False)
+    assert result.history[-1]["val_loss"] == plain.evaluate(*data.validation)["loss"]
+    assert s["val_loss"] == classifier.evaluate(*data.validation)["loss"] != \
+        result.history[-1]["val_loss"]
+    assert s["test_loss"] == classifier.evaluate(*data.test)["loss"] != \
+        plain.evaluate(*data.test)["loss"]
+    loaded = load_model(tmp_path)
+    assert (loaded.tta_shift, loaded.tta_flip) == (True, True)
+    assert loaded.evaluate(*data.test)["loss"] == s["test_loss"]
+
+
 def test_bad_batch_size():
     with pytest.raises(UserError, match="--batch_size=1000 must be between 1 and the 512"):
         fit(Config(model="mlp", epochs=1, batch_size=1000, **QUICK), data=tiny_dataset())
