@@ -135,7 +135,8 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
             "pytorch_epoch_s": pytorch_epoch,
             "wall_pytorch_epochs": run["wall_s"] / pytorch_epoch if pytorch_epoch else None,
             "per_epoch": [(r["epoch"], r.get("process_age_s"), r.get("test_accuracy"),
-                           r.get("val_accuracy")) for r in run["records"]],
+                           r.get("val_accuracy"), round(r["epoch_time_s"], 2))
+                          for r in run["records"]],
             "final_test_accuracy": run["summary"]["test_accuracy"],
             "final_val_accuracy": run["summary"]["val_accuracy"],
             "wall_s": run["wall_s"], "peak_rss_mb": run["summary"]["peak_rss_mb"]}

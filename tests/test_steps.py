@@ -243,6 +243,11 @@ def test_shift_test_time_augmentation_averages_nine_translations():
     np.testing.assert_allclose(both.eval_step(variables, images),
                                np.mean(logits + mirrored, axis=0), rtol=1e-5, atol=1e-5)
     assert np.abs(np.mean(logits, axis=0) - logits[4]).max() > 1e-3  # the shifts count
+    for platform in ("tpu", "cuda"):  # the views lower for accelerators too
+        exported = jax.export.export(both.eval_batches, platforms=[platform])(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
+            jax.ShapeDtypeStruct((2, 8, 28, 28, 1), jnp.uint8))
+        assert str(exported.out_avals[0]) == "float32[2,8,10]"
 
 
 def test_dispatch_steps_divide_the_epoch():
