@@ -446,10 +446,10 @@ def test_sigint_during_final_test_evaluation(monkeypatch, tmp_path, capsys, use_
 
     original = input_pipeline.DeviceResident.evaluate
 
-    def evaluate(self, variables, split, steps):
+    def evaluate(self, variables, split, steps, monitor=False):
         if split == "test":
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, variables, split, steps)
+        return original(self, variables, split, steps, monitor)
 
     monkeypatch.setattr(input_pipeline.DeviceResident, "evaluate", evaluate)
     code, err = run_main(capsys, "--model=mlp", "--epochs=1", f"--workdir={tmp_path}",
