@@ -195,8 +195,7 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     model = _merge(graphdef, variables, dtype)
     model.eval()
     views = tta_views(images, flip=tta_flip, shift=tta_shift)
-    logits = [model(normalize(v).astype(dtype)).astype(jnp.float32) for v in views]
-    return sum(logits[1:], logits[0]) / len(logits) if len(logits) > 1 else logits[0]
+    return sum(model(normalize(v).astype(dtype)).astype(jnp.float32) for v in views) / len(views)
 
 
 def tta_views(images: jax.Array, *, flip: bool = False, shift: bool = False) -> list:
