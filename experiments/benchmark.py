@@ -137,9 +137,9 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
             "per_epoch": [(r["epoch"], r.get("process_age_s"), r.get("test_accuracy"),
                            r.get("val_accuracy"), round(r["epoch_time_s"], 2))
                           for r in run["records"]],
-            "final_test_accuracy": run["summary"]["test_accuracy"],
-            "final_val_accuracy": run["summary"]["val_accuracy"],
-            "wall_s": run["wall_s"], "peak_rss_mb": run["summary"]["peak_rss_mb"]}
+            "final_test_accuracy": summary["test_accuracy"],
+            "final_val_accuracy": summary["val_accuracy"],
+            "wall_s": run["wall_s"], "peak_rss_mb": summary["peak_rss_mb"]}
 
 
 RSS_SCRIPT = """
@@ -211,15 +211,15 @@ def main() -> None:
         epochs = args.mlp_epochs if part == "mlp_seed" else args.cnn_epochs
         results[part] = [seed_model(part, epochs, peers) for _ in range(args.repeats)]
         Path(args.out).write_text(json.dumps(results, indent=2))
+    targets = [float(t) for t in args.targets.split(",")]
     if "time_to_accuracy" in parts:
-        targets = [float(t) for t in args.targets.split(",")]
         results["time_to_accuracy"] = [
             time_to_accuracy(targets, extra.split(),
                              args.pytorch_epoch_s or pytorch_epoch(results))
             for extra in ["", *args.tta_args]]
     if args.run_args:
         results["runs"] = [
-            time_to_accuracy([float(t) for t in args.targets.split(",")], extra.split(),
+            time_to_accuracy(targets, extra.split(),
                              args.pytorch_epoch_s or pytorch_epoch(results), False)
             for extra in args.run_args]
     if "rss" in parts:
