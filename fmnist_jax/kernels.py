@@ -82,8 +82,9 @@ def _im2col_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimensi
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def im2col_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
     """Stride-1 NHWC convolution with an HWIO kernel and explicit ``pads``, as shifted
-    slices and one matmul; its gradient is one matmul for the kernel and a transposed
-    ``lax.conv`` for the input. Forward-mode differentiation (``jax.jvp``) is not defined."""
+    slices and one matmul; its gradient is one matmul for the kernel, and for the input one
+    matmul and the slices added back (col2im). Forward-mode differentiation (``jax.jvp``)
+    is not defined."""
     return _im2col_fwd(x, kernel, pads)[0]
 
 
@@ -103,16 +104,32 @@ def _im2col_fwd(x, kernel, pads):
 
 def _im2col_bwd(pads, residuals, grad):
     patches, kernel = residuals
-    kh, kw = kernel.shape[:2]
+    kh, kw, cin, cout = kernel.shape
     grad_kernel = jax.lax.dot_general(  # patches^T @ grad over all N*Ho*Wo positions
-        patches.reshape(-1, patches.shape[-1]), grad.reshape(-1, grad.shape[-1]),
+        patches.reshape(-1, patches.shape[-1]), grad.reshape(-1, cout),
         (((0,), (0,)), ((), ()))).reshape(kernel.shape)
-    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # the transposed convolution
+    grad_patches = jax.lax.dot_general(  # grad @ kernel^T: (N, Ho, Wo, kh*kw*Cin)
+        grad, kernel.reshape(-1, cout), (((3,), (1,)), ((), ())))
+    return _col2im(grad_patches, kh, kw, cin, pads), grad_kernel
+
+
+def _col2im(grad_patches: jax.Array, kh: int, kw: int, cin: int, pads) -> jax.Array:
+    """The transpose of :func:`_patches`: each window position's slice of the patches'
+    gradient added back where it was read from, then the padding cropped. The sum runs
+    along each row of the window first, then over rows."""
+    _, ho, wo, _ = grad_patches.shape
+    height, width = ho + kh - 1, wo + kw - 1
+    total = None
+    for i in range(kh):
+        row = None
+        for j in range(kw):
+            part = grad_patches[..., (i * kw + j) * cin:(i * kw + j + 1) * cin]
+            part = jnp.pad(part, ((0, 0), (0, 0), (j, kw - 1 - j), (0, 0)))
+            row = part if row is None else row + part
+        row = jnp.pad(row, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0)))
+        total = row if total is None else total + row
     (top, bottom), (left, right) = pads
-    grad_x = jax.lax.conv_general_dilated(
-        grad, flipped, (1, 1), [(kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)],
-        dimension_numbers=NHWC)
-    return grad_x, grad_kernel
+    return total[:, top:height - bottom, left:width - right, :]
 
 
 im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
