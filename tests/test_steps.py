@@ -250,6 +250,24 @@ def test_shift_test_time_augmentation_averages_nine_translations():
         assert str(exported.out_avals[0]) == "float32[2,8,10]"
 
 
+def test_test_time_augmentation_holds_one_view_at_a_time():
+    """The views run one after another: the compiled evaluation's temporaries with 9 or 18
+    views stay within 25% of one view's (all at once, the default CNN's took 5.1x for 9
+    views and 9.3x for 18)."""
+    graphdef, state, steps = _setup()
+    variables = inference_variables(state)
+    images = jnp.zeros((64, 28, 28, 1), jnp.uint8)
+
+    def temporaries(**tta):
+        step = make_steps(graphdef, optax.adam(1e-3), make_loss(), **tta).eval_step
+        return step.lower(variables, images).compile().memory_analysis().temp_size_in_bytes
+
+    one = temporaries()
+    assert one > 0
+    assert temporaries(tta_shift=True) < 1.25 * one
+    assert temporaries(tta_shift=True, tta_flip=True) < 1.25 * one
+
+
 def test_dispatch_steps_divide_the_epoch():
     from fmnist_jax.input_pipeline import dispatch_steps
 
