@@ -201,9 +201,9 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     views = tta_views(images, flip=tta_flip, shift=tta_shift)
     if len(views) == 1:
         return logits(images)
-    first = logits(views[0])
-    total, _ = jax.lax.scan(lambda total, v: (total + logits(v), None), first,
-                            jnp.stack(views[1:]))
+    out = jax.eval_shape(logits, images)  # the model's forward appears once, in the loop
+    total, _ = jax.lax.scan(lambda total, v: (total + logits(v), None),
+                            jnp.zeros(out.shape, out.dtype), jnp.stack(views))
     return total / len(views)
 
 
