@@ -79,13 +79,38 @@ def _im2col_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimensi
     return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+# Patches above this size are not kept for the backward pass: the input (kh*kw times
+# smaller) is, and both passes run over slices of the batch of about _CHUNK_BYTES of
+# patches each, so the patches never exist whole. Measured on 2 cores: the ResNet's 28x28
+# layers (231 MB of patches each at batch 128) held 1.9 GB; the seed CNN's conv2 (85 MB)
+# stays below the limit, as recomputing its patches would cost about 10% of its step.
+_KEEP_PATCHES_BYTES = 96 * 2**20
+_CHUNK_BYTES = 8 * 2**20
+
+
 def im2col_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
     """Stride-1 NHWC convolution with an HWIO kernel and explicit ``pads``, as shifted
     slices and one matmul; its gradient is one matmul for the kernel, and for the input one
     matmul and the slices added back (col2im). Forward-mode differentiation (``jax.jvp``)
     is not defined."""
-    return _im2col_fwd(x, kernel, pads)[0]
+    return _im2col(x, kernel, pads, _chunk(x, kernel, pads))
+
+
+def _chunk(x: jax.Array, kernel: jax.Array, pads) -> int:
+    """0 (keep the patches) or the images per slice of the batch (recompute them)."""
+    n, h, w, _ = x.shape
+    kh, kw, cin, _ = kernel.shape
+    per_image = ((h + sum(pads[0]) - kh + 1) * (w + sum(pads[1]) - kw + 1) * kh * kw * cin
+                 * jnp.dtype(x.dtype).itemsize)
+    if n * per_image <= _KEEP_PATCHES_BYTES:
+        return 0
+    return max(c for c in range(1, n + 1) if n % c == 0 and
+               (c == 1 or c * per_image <= _CHUNK_BYTES))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _im2col(x, kernel, pads, chunk):
+    return _im2col_fwd(x, kernel, pads, chunk)[0]
 
 
 def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
@@ -96,14 +121,37 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
         [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
 
 
-def _im2col_fwd(x, kernel, pads):
+def _slices(a: jax.Array, chunk: int) -> jax.Array:
+    return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
+
+
+def _im2col_fwd(x, kernel, pads, chunk):
     kh, kw = kernel.shape[:2]
-    patches = _patches(x, kh, kw, pads)
-    return patches @ kernel.reshape(-1, kernel.shape[-1]), (patches, kernel)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    if not chunk:
+        patches = _patches(x, kh, kw, pads)
+        return patches @ matrix, (patches, kernel)
+    y = jax.lax.map(lambda xs: _patches(xs, kh, kw, pads) @ matrix, _slices(x, chunk))
+    return y.reshape(x.shape[0], *y.shape[2:]), (x, kernel)
 
 
-def _im2col_bwd(pads, residuals, grad):
-    patches, kernel = residuals
+def _im2col_bwd(pads, chunk, residuals, grad):
+    saved, kernel = residuals
+    if not chunk:
+        return _im2col_grads(saved, kernel, grad, pads)
+
+    def body(grad_kernel, xs_gs):  # the kernel's gradient summed over the slices
+        xs, gs = xs_gs
+        grad_x, grad_k = _im2col_grads(_patches(xs, *kernel.shape[:2], pads), kernel, gs,
+                                       pads)
+        return grad_kernel + grad_k, grad_x
+
+    grad_kernel, grad_x = jax.lax.scan(body, jnp.zeros_like(kernel),
+                                       (_slices(saved, chunk), _slices(grad, chunk)))
+    return grad_x.reshape(saved.shape), grad_kernel
+
+
+def _im2col_grads(patches, kernel, grad, pads):
     kh, kw, cin, cout = kernel.shape
     grad_kernel = jax.lax.dot_general(  # patches^T @ grad over all N*Ho*Wo positions
         patches.reshape(-1, patches.shape[-1]), grad.reshape(-1, cout),
@@ -132,7 +180,7 @@ def _col2im(grad_patches: jax.Array, kh: int, kw: int, cin: int, pads) -> jax.Ar
     return total[:, top:height - bottom, left:width - right, :]
 
 
-im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
+_im2col.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def use_fast_convolutions(model: nnx.Module) -> int:
