@@ -8,8 +8,10 @@ flag or value ends the program with one line naming it and exit status 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -20,6 +22,26 @@ def quiet_library_logs() -> None:
     """Command-line tools report failures themselves, in one line: the libraries' own log
     records (Orbax's, through absl) would only repeat them with tracebacks."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+def exit_now(code: int) -> typing.NoReturn:
+    """Ends a command-line tool's process with ``code`` once its work is done and its files
+    are closed: the exit hooks run (``atexit``: logging, JAX's), Python's teardown of every
+    module and object does not. That teardown (JAX's CPU client among them) took 0.7 s after
+    every training run on 2 CPU cores, 6% of a 10-epoch seed-MLP run. A run of several
+    processes (``jax.distributed``), or a Python without ``atexit._run_exitfuncs``, exits
+    the usual way."""
+    jax = sys.modules.get("jax")
+    run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_hooks is None or (jax is not None and jax.process_count() > 1):
+        sys.exit(code)
+    run_exit_hooks()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,6 +19,15 @@ def figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _margins(fig, left: float, right: float, bottom: float, top: float, **spacing) -> None:
+    """Fixed margins in inches, set for the labels each plot has. ``tight_layout`` would
+    measure them, by drawing the figure once more: 0.83 instead of 0.54 s for the four
+    plots of a run on 2 CPU cores."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, **spacing)
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10
                      ) -> np.ndarray:
     """``m[i, j]`` = number of images of class ``i`` predicted as ``j``."""
@@ -45,7 +54,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
                     color="white" if matrix[i, j] > threshold else "black")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    _margins(fig, left=1.3, right=0.2, bottom=1.2, top=0.4)
     fig.savefig(path)
 
 
@@ -69,7 +78,7 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    _margins(fig, left=0.8, right=0.2, bottom=0.6, top=0.5, wspace=0.25)
     fig.savefig(path)
 
 
@@ -122,7 +131,7 @@ def plot_most_confused(matrix: np.ndarray, class_names: Sequence[str],
             color="tab:red")
     ax.set_xlabel("test images (true -> predicted)")
     ax.set_title("most confused pairs")
-    fig.tight_layout()
+    _margins(fig, left=2.0, right=0.3, bottom=0.6, top=0.4)
     fig.savefig(path)
 
 

@@ -35,7 +35,7 @@ from flax import nnx
 from fmnist_jax import parallel
 from fmnist_jax.build import Built, build
 from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
-from fmnist_jax.cli import parse_config, quiet_library_logs
+from fmnist_jax.cli import exit_now, parse_config, quiet_library_logs
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, cache_dir
 from fmnist_jax.errors import UserError
@@ -361,5 +361,11 @@ def _with_workdir(argv: list[str], e: Preempted) -> list[str]:
     return [*args, f"--workdir={e.workdir}"]
 
 
+def command() -> None:
+    """``fmnist-train`` and ``python -m fmnist_jax.train``: :func:`main`, then the process
+    ends at once (:func:`fmnist_jax.cli.exit_now`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
