@@ -29,11 +29,12 @@ def exit_now(code: int) -> typing.NoReturn:
     are closed: the exit hooks run (``atexit``: logging, JAX's), Python's teardown of every
     module and object does not. That teardown (JAX's CPU client among them) took 0.7 s after
     every training run on 2 CPU cores, 6% of a 10-epoch seed-MLP run. A run of several
-    processes (``jax.distributed``), or a Python without ``atexit._run_exitfuncs``, exits
-    the usual way."""
+    processes (``jax.distributed``), a process under a profiler, tracer or coverage tool
+    (which report at exit), or a Python without ``atexit._run_exitfuncs`` exits the usual
+    way."""
     jax = sys.modules.get("jax")
     run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_hooks is None or (jax is not None and jax.process_count() > 1):
+    if run_exit_hooks is None or _observed() or (jax is not None and jax.process_count() > 1):
         sys.exit(code)
     run_exit_hooks()
     for stream in (sys.stdout, sys.stderr):
@@ -42,6 +43,17 @@ def exit_now(code: int) -> typing.NoReturn:
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
     os._exit(code)
+
+
+def _observed() -> bool:
+    """Whether a profiler, tracer or coverage tool watches this process (``cProfile``,
+    ``trace``, ``coverage``: ``sys.setprofile``/``settrace``, or ``sys.monitoring`` on
+    Python 3.12+)."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(i) is not None
+                                          for i in range(6))
 
 
 class _Parser(argparse.ArgumentParser):
