@@ -21,8 +21,8 @@ def figure(**kwargs):
 
 def _margins(fig, left: float, right: float, bottom: float, top: float, **spacing) -> None:
     """Fixed margins in inches, set for the labels each plot has. ``tight_layout`` would
-    measure them, by drawing the figure once more: 0.83 instead of 0.54 s for the four
-    plots of a run on 2 CPU cores."""
+    measure them by drawing the figure once more: the four plots of a run took 0.83 s with
+    it, 0.46 s without, on 2 CPU cores (matplotlib already imported)."""
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
                         top=1 - top / height, **spacing)
