@@ -49,6 +49,7 @@ class Reporter:
         self.bar = None
         self.timings = {"training_starts_s": None}
         self.throughput: list[float] = []  # images/s of each epoch of this process
+        self.prefetch = None  # the thread importing matplotlib while the run trains
 
     def start(self, line: str, steps_per_epoch: int) -> None:
         """Prints the start-up line."""
@@ -68,7 +69,12 @@ class Reporter:
             self.writers.append(TensorBoardWriter(self.out / "tensorboard"))
 
     def after_dispatch(self, event) -> None:
-        self.timings.setdefault("first_dispatch_done_s", process_age())
+        if "first_dispatch_done_s" not in self.timings:
+            self.timings["first_dispatch_done_s"] = process_age()
+            if self.out is not None and self.config.plots:  # the device trains; the host idles
+                from fmnist_jax import plots
+
+                self.prefetch = plots.prefetch()
         progress = event.progress
         if self.bar is None:
             self.bar = _bar(self.config, progress.epoch, self.steps_per_epoch)
@@ -102,6 +108,8 @@ class Reporter:
         if self.config.plots and history:
             from fmnist_jax import plots
 
+            if self.prefetch is not None:
+                self.prefetch.join()
             probabilities = np.exp(logits - logits.max(-1, keepdims=True))
             probabilities /= probabilities.sum(-1, keepdims=True)
             names = plots.write_run_plots(self.out, history, test.images, test.labels,

@@ -43,3 +43,26 @@ def test_confusion_counts_and_most_confused_pairs():
                                                       ("b", "a", 1)]
     with pytest.raises(IndexError):
         confusion_matrix(np.array([3]), np.array([0]), 3)
+
+
+PREFETCH = """
+import os, sys
+from fmnist_jax import plots
+assert "matplotlib" not in sys.modules
+before = os.getpriority(os.PRIO_PROCESS, 0)
+thread = plots.prefetch()
+thread.join()
+assert "matplotlib.figure" in sys.modules and "matplotlib.backends.backend_agg" in sys.modules
+assert os.getpriority(os.PRIO_PROCESS, 0) == before  # only the prefetch thread was niced
+print("ok")
+"""
+
+
+def test_prefetch_imports_matplotlib_in_its_own_thread():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
