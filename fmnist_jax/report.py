@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_jax import files, parallel
+from fmnist_jax import files, parallel, plots
 from fmnist_jax.config import Config
 from fmnist_jax.data import CLASS_NAMES, Split
 from fmnist_jax.metrics import JsonlWriter, TensorBoardWriter
@@ -72,8 +72,6 @@ class Reporter:
         if "first_dispatch_done_s" not in self.timings:
             self.timings["first_dispatch_done_s"] = process_age()
             if self.out is not None and self.config.plots:  # the device trains; the host idles
-                from fmnist_jax import plots
-
                 self.prefetch = plots.prefetch()
         progress = event.progress
         if self.bar is None:
@@ -106,8 +104,6 @@ class Reporter:
             return
         files.write_json(self.out / "summary.json", summary)
         if self.config.plots and history:
-            from fmnist_jax import plots
-
             if self.prefetch is not None:
                 self.prefetch.join()
             probabilities = np.exp(logits - logits.max(-1, keepdims=True))
