@@ -355,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         parallel.join(config.distributed)  # before anything computes
-        unroll_threefry_on_cpu()  # the command owns its process: JAX's CPU lowering
-        if config.compilation_cache:
+        if config.compilation_cache:  # first: the check below compiles two programs
             enable_compilation_cache()
+        unroll_threefry_on_cpu()  # the command owns its process: JAX's CPU lowering
         workdir = config.workdir or default_workdir(config)
         train_and_evaluate(config, workdir)
     except Preempted as e:
