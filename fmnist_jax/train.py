@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import os
 import resource
 import shlex
 import signal
@@ -369,14 +370,22 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        saved = workdir is not None and (Path(workdir) / "checkpoints").is_dir() and any(
-            p.name.isdigit() for p in (Path(workdir) / "checkpoints").iterdir())
-        hint = (f"; the checkpoints in {workdir} are complete: run the same command with "
-                f"--workdir={workdir} to go on" if saved else "; no training had been saved")
         print(f"fmnist-train: interrupted by {signal.Signals(signum).name} outside the "
-              f"training loop{hint}", file=sys.stderr)
+              f"training loop{_saved_hint(workdir)}", file=sys.stderr)
         return 128 + signum
+    except BrokenPipeError:  # ``fmnist-train ... | head``: stop as a Unix tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush
+        print(f"fmnist-train: stopped, its output pipe was closed{_saved_hint(workdir)}",
+              file=sys.stderr)
+        return 128 + signal.SIGPIPE
     return 0
+
+
+def _saved_hint(workdir: str | None) -> str:
+    saved = workdir is not None and (Path(workdir) / "checkpoints").is_dir() and any(
+        p.name.isdigit() for p in (Path(workdir) / "checkpoints").iterdir())
+    return (f"; the checkpoints in {workdir} are complete: run the same command with "
+            f"--workdir={workdir} to go on" if saved else "; no training had been saved")
 
 
 def _with_workdir(argv: list[str], e: Preempted) -> list[str]:

@@ -165,6 +165,23 @@ def test_sigint_while_downloading_leaves_no_partial_file(synthetic_dir, tmp_path
     assert [p.name for p in cache.iterdir() if p.is_file()] == []  # no *.part, no .gz
 
 
+def test_closed_output_pipe_stops_with_one_line(synthetic_dir, tmp_path):
+    """``fmnist-train ... | head -1``: the reader goes away after the first line."""
+    proc = subprocess.Popen(synthetic_cmd(synthetic_dir, "fmnist_jax.train", "--noprogress",
+                                          "--model=mlp", "--epochs=3", "--plots=false",
+                                          f"--validation_size={SYNTHETIC_VAL}",
+                                          f"--workdir={tmp_path}/w"),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith("fmnist_jax: mlp")
+    proc.stdout.close()  # before the first epoch's line: it has to compile first
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE, err
+    assert err.startswith("fmnist-train: stopped, its output pipe was closed; the "
+                          f"checkpoints in {tmp_path}/w are complete") and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [str((SYNTHETIC_TRAIN - SYNTHETIC_VAL) // 128)]
+
+
 # ------------------------------------------------------------------ flags
 
 @pytest.mark.parametrize("args, message", [
