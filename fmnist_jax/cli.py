@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import typing
 
@@ -44,6 +45,14 @@ def exit_now(code: int) -> typing.NoReturn:
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
     os._exit(code)
+
+
+def output_pipe_closed() -> int:
+    """After a ``BrokenPipeError`` on stdout (``fmnist-predict ... | head``): stdout goes to
+    ``/dev/null``, so that nothing fails again at exit, and the exit status is the one of a
+    Unix tool stopped by SIGPIPE (141)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def _observed() -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_jax.cli import _Parser, quiet_library_logs
+from fmnist_jax.cli import _Parser, output_pipe_closed, quiet_library_logs
 from fmnist_jax.data import CLASS_NAMES, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import Classifier, load_model
@@ -121,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fmnist-predict: error: {e}", file=sys.stderr)
         return e.exit_code
-    for name, p, true in zip(names, probs, truth):
-        top = np.argsort(-p)[:max(args.top, 1)]
-        guesses = ", ".join(f"{CLASS_NAMES[k]} {100 * p[k]:.1f}%" for k in top)
-        suffix = "" if true is None else f"  (true: {true})"
-        print(f"{name}: {guesses}{suffix}")
+    try:
+        for name, p, true in zip(names, probs, truth):
+            top = np.argsort(-p)[:max(args.top, 1)]
+            guesses = ", ".join(f"{CLASS_NAMES[k]} {100 * p[k]:.1f}%" for k in top)
+            suffix = "" if true is None else f"  (true: {true})"
+            print(f"{name}: {guesses}{suffix}", flush=True)
+    except BrokenPipeError:  # ``fmnist-predict ... | head``: the reader has what it wanted
+        return output_pipe_closed()
     return 0
 
 

@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import os
 import resource
 import shlex
 import signal
@@ -37,7 +36,7 @@ from flax import nnx
 from fmnist_jax import parallel
 from fmnist_jax.build import Built, build
 from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
-from fmnist_jax.cli import exit_now, parse_config, quiet_library_logs
+from fmnist_jax.cli import exit_now, output_pipe_closed, parse_config, quiet_library_logs
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, cache_dir
 from fmnist_jax.errors import UserError
@@ -374,10 +373,9 @@ def main(argv: list[str] | None = None) -> int:
               f"training loop{_saved_hint(workdir)}", file=sys.stderr)
         return 128 + signum
     except BrokenPipeError:  # ``fmnist-train ... | head``: stop as a Unix tool would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush
         print(f"fmnist-train: stopped, its output pipe was closed{_saved_hint(workdir)}",
               file=sys.stderr)
-        return 128 + signal.SIGPIPE
+        return output_pipe_closed()
     return 0
 
 

@@ -123,6 +123,24 @@ def test_predict_cli_on_files_and_test_images(trained, synthetic_dir, use_synthe
     assert f"test[1]: {second}" in lines[3]
 
 
+def test_predict_into_a_closed_pipe_stops_quietly(trained, synthetic_dir):
+    """``fmnist-predict ... | head -1``: more output than a pipe holds (150 kB), and the
+    reader gone after the first line."""
+    import signal
+    import subprocess
+
+    from conftest import synthetic_cmd
+    workdir, _ = trained
+    proc = subprocess.Popen(
+        synthetic_cmd(synthetic_dir, "fmnist_jax.predict", f"--workdir={workdir}", "--top=10",
+                      *(f"--test_index={i}" for i in range(1000))),
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith("test[0]: ")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == ""  # as a Unix tool: the reader has what it wanted
+
+
 def test_image_conversion_rules(tmp_path):
     img = np.zeros((28, 28), np.uint8)
     img[10:20, 5:25] = 200
