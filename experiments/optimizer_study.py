@@ -48,6 +48,7 @@ def main() -> None:
     for optimizer, lr, schedule, loss in RUNS:
         config = Config(model="cnn", optimizer=optimizer, learning_rate=lr, schedule=schedule,
                         loss=loss, epochs=args.epochs, patience=args.patience,
+                        label_smoothing=0.0, dropout=0.3,  # the CNN's defaults of the study
                         progress=False, plots=False)
         started = time.perf_counter()
         s = fit(config, data=data).summary

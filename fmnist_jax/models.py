@@ -87,7 +87,7 @@ class CNN(nnx.Module):
     """
 
     def __init__(self, features: Sequence[int] = (32, 64, 128), dense: int = 256,
-                 dropout: float = 0.3, batch_norm: bool = True, *, rngs: nnx.Rngs):
+                 dropout: float = 0.1, batch_norm: bool = True, *, rngs: nnx.Rngs):
         channels = (1, *features)
         self.convs = nnx.List(
             [Conv(a, b, 3, "SAME", rngs=rngs) for a, b in zip(channels[:-1], channels[1:])])
@@ -184,7 +184,7 @@ def create_model(name: str, *, rngs: nnx.Rngs, hidden: Sequence[int] = (300, 100
     if name == "mlp":
         return MLP(hidden, 0.2 if dropout is None else dropout, rngs=rngs)
     if name == "cnn":
-        return CNN(features, dense, 0.3 if dropout is None else dropout, batch_norm, rngs=rngs)
+        return CNN(features, dense, 0.1 if dropout is None else dropout, batch_norm, rngs=rngs)
     if name == "cnn_seed":
         return CNNSeed(rngs=rngs)
     if name == "resnet":

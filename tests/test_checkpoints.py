@@ -66,7 +66,8 @@ def test_round_trip(tmp_path):
 def test_keeps_latest_and_best(tmp_path):
     # A learning rate that makes validation accuracy peak early and then fall.
     config = Config(epochs=6, keep_checkpoints=2, checkpoint_every_steps=5, optimizer="sgd",
-                    momentum=0.0, learning_rate=3.0, schedule="constant", **TINY)
+                    momentum=0.0, learning_rate=3.0, schedule="constant", dropout=0.3,
+                    label_smoothing=0.0, **TINY)
     result = fit(config, data=tiny_dataset(), workdir=str(tmp_path))
     accs = [r["val_accuracy"] for r in result.history]
     best_epoch = accs.index(max(accs)) + 1

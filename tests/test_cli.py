@@ -53,6 +53,35 @@ def test_presets_are_valid_and_build_their_models(name, params):
     assert count_params(create_model(c.model, rngs=nnx.Rngs(0), **c.model_kwargs())) == params
 
 
+# What each preset trains, as measured in README and experiments/README.md: a change of a
+# default (Config's or a model's) must not change a preset's recipe unnoticed.
+RECIPES = {  # optimizer, peak lr, label smoothing, first dropout rate, epochs, batch
+    "cnn": ("adam", 5e-3, 0.1, 0.1, 6, 128),
+    "mlp": ("adam", 1e-3, 0.0, 0.2, 20, 128),
+    "mlp_seed": ("sgd", 0.01, 0.0, 0.2, 30, 32),
+    "cnn_seed": ("adadelta", 1.0, 0.0, 0.25, 12, 128),
+    "cnn_wide": ("adam", 3e-3, 0.1, 0.3, 20, 128),
+    "best_cpu": ("adam", 3e-3, 0.1, 0.2, 20, 128),
+    "best_cpu_long": ("adam", 3e-3, 0.1, 0.3, 45, 128),
+    "resnet": ("sgd", 0.1, 0.1, 0.0, 60, 128),
+}
+
+
+def test_presets_train_their_recipes():
+    from flax import nnx
+
+    from fmnist_jax.models import create_model
+
+    assert set(RECIPES) == set(PRESETS)
+    for name, recipe in RECIPES.items():
+        c = preset(name)
+        model = create_model(c.model, rngs=nnx.Rngs(0), **c.model_kwargs())
+        dropout = next(m.rate for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout))
+        assert (c.optimizer, c.learning_rate, c.label_smoothing, dropout, c.epochs,
+                c.batch_size) == recipe, name
+    assert preset("cnn") == Config()  # the default run is the cnn preset
+
+
 def test_cli_trains_and_writes_its_files(synthetic_dir, tmp_path):
     result = run_synthetic(synthetic_dir, "fmnist_jax.train", "--model=mlp", "--epochs=1",
                            f"--workdir={tmp_path}", f"--validation_size={SYNTHETIC_VAL}",
