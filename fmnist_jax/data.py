@@ -160,9 +160,11 @@ def _keep(copy: Path, data: bytes, source: Path) -> None:
         copy.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(copy, "wb") as f:
             f.write(data)
-        for old in copy.parent.glob(copy.name.rsplit("-", 1)[0] + "-*"):
-            if old.name != copy.name and not old.name.endswith(".part"):
-                old.unlink(missing_ok=True)  # one copy per file name
+        name = copy.name.rsplit("-", 1)[0]
+        for old in copy.parent.iterdir():  # one copy per file name
+            if (old.name != copy.name and old.name.rsplit("-", 1)[0] == name
+                    and not old.name.endswith(".part")):  # another process's, being written
+                old.unlink(missing_ok=True)
 
 
 def unpacked_copy(path: Path, spec: IdxFile) -> Path | None:
