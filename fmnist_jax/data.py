@@ -111,12 +111,13 @@ def _fix_hint(path: Path) -> str:
             f"file from {MIRRORS[0]}")
 
 
-def _read_payload(path: Path) -> bytes:
+def _read_payload(path: Path) -> tuple[bytes, bool]:
+    """The file's IDX payload, and whether it was gzipped."""
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-            return gzip.decompress(raw)
-        return raw
+            return gzip.decompress(raw), True
+        return raw, False
     except EOFError:
         raise UserError(f"{path} is truncated (the gzip stream ends early); {_fix_hint(path)}")
     except (gzip.BadGzipFile, zlib.error) as e:
@@ -143,20 +144,17 @@ def read_idx(path: str | os.PathLike, spec: IdxFile, keep: bool = True) -> np.nd
     if copy is not None and copy.is_file():
         with contextlib.suppress(OSError, UserError):  # damaged or unreadable: the file
             return _checked(copy, copy.read_bytes(), spec)
-    data = _read_payload(path)
+    data, gzipped = _read_payload(path)
     array = _checked(path, data, spec)
-    if copy is not None:
-        _keep(copy, data, path)
+    if copy is not None and gzipped:  # an uncompressed file is as fast to read as a copy
+        _keep(copy, data)
     return array
 
 
-def _keep(copy: Path, data: bytes, source: Path) -> None:
-    """Writes the checked payload of a gzipped ``source`` to ``copy`` (atomically) and
-    removes the older copies of the same file name; a cache that cannot be written
-    (read-only, full) stays as it is."""
+def _keep(copy: Path, data: bytes) -> None:
+    """Writes a checked payload to ``copy`` (atomically) and removes the older copies of
+    the same file name; a cache that cannot be written (read-only, full) stays as it is."""
     with contextlib.suppress(OSError):
-        if len(data) == source.stat().st_size:  # not gzipped: reading it is as fast
-            return
         copy.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(copy, "wb") as f:
             f.write(data)
