@@ -106,6 +106,16 @@ def run_synthetic(data_dir: Path, module: str, *args, env=None, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def read_one_line_then_close(cmd: list[str], timeout=300) -> tuple[str, int, str]:
+    """``cmd | head -1``: its first line of output, then its stdout closed; the line, its
+    exit status and its stderr."""
+    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return line, proc.wait(timeout=timeout), err
+
+
 @pytest.fixture
 def use_synthetic(synthetic_dir, monkeypatch) -> Path:
     """In this process: the generated set in place of Fashion-MNIST."""

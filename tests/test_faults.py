@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import (SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VAL, LocalMirror,
-                      synthetic_cmd, tiny_dataset)
+                      read_one_line_then_close, synthetic_cmd, tiny_dataset)
 
 from fmnist_jax import Config, fit, train
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock
@@ -167,15 +167,12 @@ def test_sigint_while_downloading_leaves_no_partial_file(synthetic_dir, tmp_path
 
 def test_closed_output_pipe_stops_with_one_line(synthetic_dir, tmp_path):
     """``fmnist-train ... | head -1``: the reader goes away after the first line."""
-    proc = subprocess.Popen(synthetic_cmd(synthetic_dir, "fmnist_jax.train", "--noprogress",
-                                          "--model=mlp", "--epochs=3", "--plots=false",
-                                          f"--validation_size={SYNTHETIC_VAL}",
-                                          f"--workdir={tmp_path}/w"),
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline().startswith("fmnist_jax: mlp")
-    proc.stdout.close()  # before the first epoch's line: it has to compile first
-    err = proc.stderr.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE, err
+    # The pipe closes before the first epoch's line: that epoch has to compile first.
+    line, code, err = read_one_line_then_close(synthetic_cmd(
+        synthetic_dir, "fmnist_jax.train", "--noprogress", "--model=mlp", "--epochs=3",
+        "--plots=false", f"--validation_size={SYNTHETIC_VAL}", f"--workdir={tmp_path}/w"))
+    assert line.startswith("fmnist_jax: mlp")
+    assert code == 128 + signal.SIGPIPE, err
     assert err.startswith("fmnist-train: stopped, its output pipe was closed; the "
                           f"checkpoints in {tmp_path}/w are complete") and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_TEST, SYNTHETIC_VAL, run_synthetic
+from conftest import (SYNTHETIC_TEST, SYNTHETIC_VAL, read_one_line_then_close,
+                      run_synthetic, synthetic_cmd)
 from PIL import Image
 
 from fmnist_jax.data import CLASS_NAMES
@@ -126,19 +128,13 @@ def test_predict_cli_on_files_and_test_images(trained, synthetic_dir, use_synthe
 def test_predict_into_a_closed_pipe_stops_quietly(trained, synthetic_dir):
     """``fmnist-predict ... | head -1``: more output than a pipe holds (150 kB), and the
     reader gone after the first line."""
-    import signal
-    import subprocess
-
-    from conftest import synthetic_cmd
     workdir, _ = trained
-    proc = subprocess.Popen(
-        synthetic_cmd(synthetic_dir, "fmnist_jax.predict", f"--workdir={workdir}", "--top=10",
-                      *(f"--test_index={i}" for i in range(1000))),
-        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline().startswith("test[0]: ")
-    proc.stdout.close()
-    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
-    assert proc.stderr.read() == ""  # as a Unix tool: the reader has what it wanted
+    line, code, err = read_one_line_then_close(synthetic_cmd(
+        synthetic_dir, "fmnist_jax.predict", f"--workdir={workdir}", "--top=10",
+        *(f"--test_index={i}" for i in range(1000))))
+    assert line.startswith("test[0]: ")
+    assert code == 128 + signal.SIGPIPE
+    assert err == ""  # as a Unix tool: the reader has what it wanted
 
 
 def test_image_conversion_rules(tmp_path):
