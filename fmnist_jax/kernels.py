@@ -116,7 +116,21 @@ def _im2col(x, kernel, pads, chunk):
 
 
 def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
-    """(N, Ho, Wo, kh*kw*C) patches in the kernel's row-major order (di, dj, c)."""
+    """(N, Ho, Wo, kh*kw*C) patches in the kernel's row-major order (di, dj, c).
+
+    Without padding they are one gather of C-vectors (whatever computed ``x`` is fused
+    into it); with padding, kh*kw shifted slices of the padded input, concatenated, which
+    lets XLA fuse the padding into the slices. Measured on 2 cores: the seed CNN's step
+    (VALID convolutions) took 3-8% less time with the gather, interleaved in one process;
+    our CNN's (SAME) 0-10% more.
+    """
+    if not any(p for pair in pads for p in pair):
+        n, h, w, c = x.shape
+        ho, wo = h - kh + 1, w - kw + 1
+        rows = np.arange(ho)[:, None, None, None] + np.arange(kh)[:, None]  # (ho, 1, kh, 1)
+        cols = np.arange(wo)[:, None, None] + np.arange(kw)  # (wo, 1, kw)
+        where = (rows * w + cols).reshape(-1)  # (ho, wo, kh, kw) flat input positions
+        return x.reshape(n, h * w, c)[:, where].reshape(n, ho, wo, kh * kw * c)
     x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     return jnp.concatenate(
