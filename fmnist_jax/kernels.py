@@ -3,8 +3,8 @@
 - :func:`conv_general_dilated` is a drop-in for ``jax.lax.conv_general_dilated``, the
   pluggable kernel of ``nnx.Conv`` (and Linen's ``nn.Conv``): our models use it, and
   :func:`use_fast_convolutions` puts it into a user's ``nnx.Conv`` layers. For a stride-1,
-  undilated, ungrouped 2-D NHWC convolution it computes, on XLA:CPU, shifted slices and one
-  matmul with a custom gradient (:func:`im2col_conv`); everywhere else, and for any other
+  undilated, ungrouped 2-D NHWC convolution it computes, on XLA:CPU, the patches (shifted
+  slices, or one gather) and one matmul with a custom gradient (:func:`im2col_conv`); everywhere else, and for any other
   convolution, it is ``lax.conv_general_dilated`` itself.
 - :func:`max_pool_2x2` and :func:`avg_pool_2x2`: on a CPU a reshape and a max (with a cheap
   custom gradient) or a mean; elsewhere ``lax.reduce_window`` (``nnx.max_pool``).
@@ -91,8 +91,8 @@ _CHUNK_BYTES = 8 * 2**20
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
-    """Stride-1 NHWC convolution with an HWIO kernel and explicit ``pads``, as shifted
-    slices and one matmul; its gradient is one matmul for the kernel, and for the input one
+    """Stride-1 NHWC convolution with an HWIO kernel and explicit ``pads``, as patches
+    (:func:`_patches`) and one matmul; its gradient is one matmul for the kernel, and for the input one
     matmul and the slices added back (col2im). Forward-mode differentiation (``jax.jvp``)
     is not defined."""
     return _im2col(x, kernel, pads, _chunk(x, kernel, pads))
@@ -118,13 +118,13 @@ def _im2col(x, kernel, pads, chunk):
 def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
     """(N, Ho, Wo, kh*kw*C) patches in the kernel's row-major order (di, dj, c).
 
-    Without padding they are one gather of C-vectors (whatever computed ``x`` is fused
-    into it); with padding, kh*kw shifted slices of the padded input, concatenated, which
-    lets XLA fuse the padding into the slices. Measured on 2 cores: the seed CNN's step
-    (VALID convolutions) took 3-8% less time with the gather, interleaved in one process;
-    our CNN's (SAME) 0-10% more.
+    Without padding they are one gather of C-vectors; with padding, kh*kw shifted slices of
+    the padded input, concatenated, into which XLA fuses the padding. Measured on 2 cores,
+    variants interleaved in one process: the seed CNN's step (VALID convolutions) took 3-8%
+    less time with the gather; our CNN's (SAME) took 0-10% more when its padded input was
+    gathered, so padded convolutions keep the slices.
     """
-    if not any(p for pair in pads for p in pair):
+    if kh * kw > 1 and not any(p for pair in pads for p in pair):
         n, h, w, c = x.shape
         ho, wo = h - kh + 1, w - kw + 1
         rows = np.arange(ho)[:, None, None, None] + np.arange(kh)[:, None]  # (ho, 1, kh, 1)
