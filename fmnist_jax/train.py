@@ -117,7 +117,7 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
                                   keep_best=bool(config.patience) and checkpointer is None)
                 state = _train(trainer, state, progress, checkpointer)
             except BaseException:
-                reporter.close()
+                reporter.abandon()
                 if checkpointer:
                     with contextlib.suppress(Exception):  # the first error is the one to tell
                         checkpointer.close()  # the checkpoint being written is completed

@@ -66,3 +66,20 @@ def test_prefetch_imports_matplotlib_in_its_own_thread():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_run_that_stops_early_waits_for_the_warm_up_thread(tmp_path):
+    """A process that ended while the warm-up thread was inside matplotlib could abort in
+    Python's teardown (SIGABRT after a SIGTERM'd run): fit() abandons its reporter, which
+    joins the thread."""
+    import threading
+    import time
+
+    from fmnist_jax import Config
+    from fmnist_jax.report import Reporter
+
+    reporter = Reporter(tmp_path, Config())
+    reporter.prefetch = threading.Thread(target=time.sleep, args=(0.3,), daemon=True)
+    reporter.prefetch.start()
+    reporter.abandon()
+    assert not reporter.prefetch.is_alive()
