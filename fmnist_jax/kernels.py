@@ -4,8 +4,9 @@
   pluggable kernel of ``nnx.Conv`` (and Linen's ``nn.Conv``): our models use it, and
   :func:`use_fast_convolutions` puts it into a user's ``nnx.Conv`` layers. For a stride-1,
   undilated, ungrouped 2-D NHWC convolution it computes, on XLA:CPU, the patches (shifted
-  slices, or one gather) and one matmul with a custom gradient (:func:`im2col_conv`); everywhere else, and for any other
-  convolution, it is ``lax.conv_general_dilated`` itself.
+  slices, or one gather) and one matmul with a custom gradient (:func:`im2col_conv`);
+  everywhere else, and for any other convolution, it is ``lax.conv_general_dilated``
+  itself.
 - :func:`max_pool_2x2` and :func:`avg_pool_2x2`: on a CPU a reshape and a max (with a cheap
   custom gradient) or a mean; elsewhere ``lax.reduce_window`` (``nnx.max_pool``).
 
@@ -92,9 +93,9 @@ _CHUNK_BYTES = 8 * 2**20
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
     """Stride-1 NHWC convolution with an HWIO kernel and explicit ``pads``, as patches
-    (:func:`_patches`) and one matmul; its gradient is one matmul for the kernel, and for the input one
-    matmul and the slices added back (col2im). Forward-mode differentiation (``jax.jvp``)
-    is not defined."""
+    (:func:`_patches`) and one matmul; its gradient is one matmul for the kernel, and for
+    the input one matmul and the slices added back (col2im). Forward-mode differentiation
+    (``jax.jvp``) is not defined."""
     return _im2col(x, kernel, pads, _chunk(x, kernel, pads))
 
 
