@@ -99,7 +99,9 @@ class Config:
                            "else download")
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
     eval_batch_size: int = _f(0, "images per evaluation step; 0: the backend's default "
-                              "(BACKEND_DEFAULTS: cpu 100, gpu and tpu 1000)")
+                              "(BACKEND_DEFAULTS: " + ", ".join(
+                                  f"{backend} {defaults['eval_batch_size']}"
+                                  for backend, defaults in BACKEND_DEFAULTS.items()) + ")")
     steps_per_dispatch: int = _f(0, "training steps run on the device per host call; 0: the "
                                  "divisor of the epoch's steps nearest to 100 (every "
                                  "dispatch the same length: one compilation)")

@@ -25,17 +25,14 @@ def abstract(tree):
 
 
 def contents(text: str) -> dict:
-    """What a lowered program holds: native convolutions and pooling, im2col's patches (a
-    concatenate of 4 or more slices, or without padding one gather of channel vectors at
-    image positions), bfloat16 convolutions, loops, sharding annotations, jax.checkpoint's
-    optimization barriers."""
-    concats = re.findall(r"stablehlo\.concatenate ([^:]*):", text)
+    """What a lowered program holds: native convolutions and pooling, im2col's patches (the
+    kernel's rows stacked: a concatenate into (N, Ho, Wo, kh, kw, C)), bfloat16
+    convolutions, loops, sharding annotations, jax.checkpoint's optimization barriers."""
+    concats = re.findall(r"stablehlo\.concatenate [^\n]*-> tensor<([0-9x]*)[a-z]", text)
     return {"convolutions": text.count("stablehlo.convolution"),
             "bf16_convolutions": len(re.findall(r"stablehlo\.convolution[^\n]*bf16", text)),
             "reduce_window": text.count("stablehlo.reduce_window"),
-            "patch_concats": sum(c.count("%") >= 4 for c in concats),
-            "patch_gathers": len(re.findall(r'stablehlo\.gather"[^\n]*offset_dims = \[0, 2\], '
-                                            r'collapsed_slice_dims = \[1\]', text)),
+            "patch_stacks": sum(shape.count("x") == 6 for shape in concats),
             "while": text.count("stablehlo.while"),
             "barriers": text.count("stablehlo.optimization_barrier"),
             "sharded": bool(re.search(r"\b(mhlo|sdy)\.sharding", text))}
