@@ -218,8 +218,9 @@ PRESETS: dict[str, dict] = {
     # The default: our CNN (dropout 0.1), Adam 0.005 with a warm-up cosine schedule, label
     # smoothing 0.1, 6 epochs, evaluated with weight averaging; chosen on validation for
     # time to 93% test (issue 14, experiments/README.md section 6). Measured on 2 AMD EPYC
-    # cores: 93.64% val, 93.15% test (seeds 0-2: 93.15, 93.08, 92.92%; val 93.56-93.82%),
-    # 163-176 s from launch to exit with a test evaluation after each epoch. The previous
+    # cores (session 12): 93.76% val, 93.19% test (seeds 0-2: 93.19, 93.11, 92.97%; val
+    # 93.44-93.76%), 146 s from launch to exit with a test evaluation after each epoch
+    # (163-176 s, 93.15% on seed 0, before the stacked patches of 2026-12-01). The previous
     # default (15 epochs, lr 0.003, no smoothing, dropout 0.3): 93.62% val, 93.03% test.
     "cnn": {},
     # Our MLP setup: the seed architecture with Adam and a cosine schedule. ~89% test.
