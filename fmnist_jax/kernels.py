@@ -125,10 +125,11 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
     axis with its padding and slices (and the activation before it) into one loop that
     writes the patches once; a concatenate of the 9 slices along the channels (the
     patches' own layout), which it does not fuse, wrote each slice first and then copied
-    it. Measured on 2 AMD EPYC cores, XLA's profile of one training step: our CNN's
-    kernels 56.7 -> 53.3 ms, the seed CNN's patches (an unpadded gather before) 17.5 -> 10.0
-    ms, the ResNet's step 2.44-2.88 -> 2.20-2.24 s with 562 -> 511 MiB of temporaries;
-    the same patches, bit for bit.
+    it. Measured on 2 AMD EPYC cores, old and new code interleaved in one process: the
+    seed CNN's step 92.8-94.1 -> 90.7-91.2 ms (its patches, an unpadded gather before, 10.6
+    -> 7.6 ms in XLA's profile), our CNN's 54.2-54.5 -> 51.1-51.8 ms, the ResNet's
+    2.44-2.88 -> 2.20-2.24 s with 562 -> 511 MiB of temporaries; the same patches, bit for
+    bit. A kernel wider or taller than 8 gets unfused stacks, still correct.
     """
     if any(p for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
