@@ -58,12 +58,17 @@ def test_the_cpu_runs_im2col_and_other_convolutions_stay_native():
         assert "convolution" in text and "dot_general" not in text
 
 
-@pytest.mark.parametrize("pads, chunk", [(((1, 1), (1, 1)), 0), (((0, 0), (0, 0)), 0),
-                                         (((1, 1), (1, 1)), 1), (((0, 0), (0, 0)), 3)])
-def test_custom_gradient_equals_autodiff_of_the_same_slices(pads, chunk):
+@pytest.mark.parametrize("pads, chunk, large", [
+    (((1, 1), (1, 1)), 0, False), (((0, 0), (0, 0)), 0, False), (((1, 1), (1, 1)), 0, True),
+    (((0, 0), (0, 0)), 0, True), (((1, 1), (1, 1)), 1, False), (((0, 0), (0, 0)), 3, False)])
+def test_custom_gradient_equals_autodiff_of_the_same_slices(pads, chunk, large, monkeypatch):
     """The custom VJP against JAX's own gradient of the slices-and-matmul function, jitted,
     at a width where the matmuls are blocked (16 -> 24 channels); with the patches kept
-    (chunk 0) and recomputed over slices of 1 and 3 images."""
+    (chunk 0), as small or as large patches (the kernel's gradient in two halves, the
+    input's over slices of 1 image), and recomputed over slices of 1 and 3 images."""
+    if large:
+        monkeypatch.setattr(kernels, "_LARGE_PATCHES_BYTES", 0)
+        monkeypatch.setattr(kernels, "_CHUNK_BYTES", 1)
     keys = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(keys[0], (3, 12, 10, 16))
     kernel = jax.random.normal(keys[1], (3, 3, 16, 24)) * 0.1
@@ -81,6 +86,9 @@ def test_custom_gradient_equals_autodiff_of_the_same_slices(pads, chunk):
         loss(lambda x, k: kernels._im2col(x, k, pads, chunk)), (0, 1)))
     ref = jax.jit(jax.value_and_grad(loss(slices), (0, 1)))
     (v1, g1), (v2, g2) = ours(x, kernel), ref(x, kernel)
+    hlo = ours.lower(x, kernel).as_text()
+    assert ("stablehlo.while" in hlo) == bool(chunk or large)  # slices, one at a time
+    assert ("batching_dims" in hlo) == large  # the kernel's gradient over 2 halves
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
