@@ -85,12 +85,13 @@ def _im2col_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimensi
 # patches each, so the patches never exist whole. Measured on 2 cores: with its 28x28 and
 # 14x14 layers' patches (231 and 116 MB each at batch 128) kept, the ResNet's training
 # step had 1,931 MiB of temporaries, 988 MiB this way. The seed CNN's conv2 (85 MB) stays
-# below the limit: building its patches takes ~10 ms of its ~90 ms step, which recomputing
-# them would add again.
+# below the limit: building its patches takes ~6 ms of its ~72 ms step (XLA's profile,
+# 2026-12-01), which recomputing them would add again.
 _KEEP_PATCHES_BYTES = 96 * 2**20
 _CHUNK_BYTES = 8 * 2**20
-# Kept patches above this size (larger than a server CPU's last-level cache) get the
-# backward pass of :func:`_grad_kernel` and :func:`_grad_input` for large patches.
+# Kept patches above this size (more than a server CPU's last-level cache; the seed CNN's
+# conv2) are built once, and their backward pass is the one for large patches of
+# :func:`_grad_kernel` (two halves) and :func:`_grad_input` (slices of the batch).
 _LARGE_PATCHES_BYTES = 32 * 2**20
 
 
@@ -112,9 +113,10 @@ def _patch_bytes(x: jax.Array, kernel: jax.Array, pads) -> int:
 
 def _chunk(x: jax.Array, kernel: jax.Array, pads) -> int:
     """0 (keep the patches) or the images per slice of the batch (recompute them)."""
-    if x.shape[0] * _patch_bytes(x, kernel, pads) <= _KEEP_PATCHES_BYTES:
+    per_image = _patch_bytes(x, kernel, pads)
+    if x.shape[0] * per_image <= _KEEP_PATCHES_BYTES:
         return 0
-    return _images_per_slice(x.shape[0], _patch_bytes(x, kernel, pads))
+    return _images_per_slice(x.shape[0], per_image)
 
 
 def _images_per_slice(n: int, per_image: int) -> int:
@@ -126,7 +128,16 @@ def _images_per_slice(n: int, per_image: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _im2col(x, kernel, pads, chunk):
-    return _forward(x, kernel, pads, chunk, keep=False)
+    return _im2col_primal(x, kernel, pads, chunk)
+
+
+def _im2col_primal(x, kernel, pads, chunk):
+    kh, kw = kernel.shape[:2]
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    if not chunk:
+        return _patches(x, kh, kw, pads) @ matrix
+    y = jax.lax.map(lambda xs: _patches(xs, kh, kw, pads) @ matrix, _slices(x, chunk))
+    return y.reshape(x.shape[0], *y.shape[2:])
 
 
 def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
@@ -157,27 +168,17 @@ def _slices(a: jax.Array, chunk: int) -> jax.Array:
     return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
 
 
-def _forward(x, kernel, pads, chunk, keep: bool):
-    kh, kw = kernel.shape[:2]
-    matrix = kernel.reshape(-1, kernel.shape[-1])
-    if chunk:
-        y = jax.lax.map(lambda xs: _patches(xs, kh, kw, pads) @ matrix, _slices(x, chunk))
-        return y.reshape(x.shape[0], *y.shape[2:])
-    patches = _patches(x, kh, kw, pads)
-    if keep and _large(patches):  # built once: XLA would fuse a second copy into the
-        patches = jax.lax.optimization_barrier(patches)  # halves of _grad_kernel
-    return (patches @ matrix, patches) if keep else patches @ matrix
-
-
 def _large(patches: jax.Array) -> bool:
     return patches.size * patches.dtype.itemsize > _LARGE_PATCHES_BYTES
 
 
 def _im2col_fwd(x, kernel, pads, chunk):
     if chunk:
-        return _forward(x, kernel, pads, chunk, keep=False), (x, kernel)
-    y, patches = _forward(x, kernel, pads, chunk, keep=True)
-    return y, (patches, kernel)
+        return _im2col_primal(x, kernel, pads, chunk), (x, kernel)
+    patches = _patches(x, *kernel.shape[:2], pads)
+    if _large(patches):  # built once: XLA would fuse a second copy into the halves of
+        patches = jax.lax.optimization_barrier(patches)  # _grad_kernel
+    return patches @ kernel.reshape(-1, kernel.shape[-1]), (patches, kernel)
 
 
 def _im2col_bwd(pads, chunk, residuals, grad):
@@ -185,8 +186,9 @@ def _im2col_bwd(pads, chunk, residuals, grad):
     kh, kw = kernel.shape[:2]
     if not chunk:
         large = _large(saved)
-        images = _images_per_slice(grad.shape[0], saved[0].size * saved.dtype.itemsize)
-        return (_grad_input(grad, kernel, pads, images if large else 0),
+        images = (_images_per_slice(grad.shape[0], saved[0].size * saved.dtype.itemsize)
+                  if large else 0)
+        return (_grad_input(grad, kernel, pads, images),
                 _grad_kernel(saved, grad, kernel, halves=large))
 
     def body(grad_kernel, xs_gs):  # the kernel's gradient summed over the slices
