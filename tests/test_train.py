@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -52,6 +55,20 @@ def test_writes_config_metrics_and_summary(tmp_path):
     assert summary["epochs"] == 3 and summary["test_count"] == 256
     assert summary["jax_backend"] == jax.default_backend() and summary["model"] == "mlp"
     assert summary["test_accuracy"] > 0.9  # the synthetic classes are easy
+
+
+def test_process_age_counts_from_the_process_start():
+    """Start-up, time to 93% and the time after the test line are ages of the process: never
+    less than the time its own code ran, never more than its parent waited for it (psutil's
+    age, from a boot time truncated to the second, was 0.72 s too long on one machine)."""
+    code = ("import time; t = time.perf_counter(); from fmnist_jax.report import process_age; "
+            "print(process_age(), time.perf_counter() - t)")
+    launched = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    waited = time.perf_counter() - launched
+    age, ran = map(float, done.stdout.split())
+    assert ran <= age <= waited + 0.01  # the kernel counts the start in 10 ms ticks
 
 
 def test_same_seed_same_metrics():
