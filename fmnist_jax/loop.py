@@ -16,8 +16,9 @@ and stop at the end of the current dispatch, and the hosts of a multi-host run a
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
-import gc
+import functools
 import os
 import signal
 import sys
@@ -127,18 +128,17 @@ class StopSignal:
         self.armed = False
         self.signum: int | None = None
         self._previous: dict = {}
+        self._previous_hook = sys.unraisablehook
 
     def __enter__(self):
         if self.enabled:
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _handle(self, signum, frame):
         if not self.armed:
-            if _in_gc_callback(frame):  # an exception there is printed and ignored
-                signal.raise_signal(signum)  # handled again once the callback returns
-                return
             raise Interrupted(signum)
         if self.signum is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
@@ -162,19 +162,35 @@ class StopSignal:
             received = int(np.max(parallel.gather_scalar(received)))
         return received or None
 
+    def _unraisable(self, unraisable) -> None:
+        """Where Python ignores exceptions (a garbage-collector or weak-reference callback, a
+        finalizer: JAX runs such code often), an :class:`Interrupted` would be printed and
+        lost; the signal is sent again instead, to land where it counts."""
+        if isinstance(unraisable.exc_value, Interrupted):
+            _send_again_soon(unraisable.exc_value.signum)
+        else:
+            self._previous_hook(unraisable)
+
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if self.enabled:
+            sys.unraisablehook = self._previous_hook
 
 
-def _in_gc_callback(frame) -> bool:
-    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one)."""
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
+def _send_again_soon(signum: int) -> None:
+    """Sends ``signum`` to the main thread again in 10 ms, from a timer thread, once the
+    callback that ignored it has returned (if it lands in one again, it is sent again).
+    Raising it again from within the callback cannot work: ``signal.raise_signal`` runs
+    the handler before it returns, still inside the callback. A real signal (not
+    ``_thread.interrupt_main``) also interrupts a blocking system call, such as a download
+    waiting for data."""
+    main = threading.main_thread().ident
+    send = functools.partial(signal.pthread_kill, main, signum) \
+        if hasattr(signal, "pthread_kill") else functools.partial(_thread.interrupt_main, signum)
+    timer = threading.Timer(0.01, send)
+    timer.daemon = True
+    timer.start()
 
 
 class Trainer:

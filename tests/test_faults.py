@@ -14,12 +14,16 @@ Also covered in other files:
 
 from __future__ import annotations
 
+import gc
 import gzip
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from conftest import (SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VAL, LocalMirro
 from fmnist_jax import Config, fit, train
 from fmnist_jax.checkpoints import Checkpoints, WorkdirLock
 from fmnist_jax.errors import UserError
+from fmnist_jax.loop import Interrupted, StopSignal
 
 TINY = dict(model="cnn", features=(8,), dense=16, batch_size=32, progress=False,
             steps_per_dispatch=5)
@@ -413,6 +418,41 @@ def _signal_self_during(monkeypatch, target, name, signum=signal.SIGINT):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(target, name, wrapped)
+
+
+def _signal_in_a_gc_callback():
+    def callback(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(callback)
+            signal.raise_signal(signal.SIGINT)  # runs the handler before it returns
+
+    gc.callbacks.append(callback)
+    gc.collect()
+
+
+def _signal_in_a_weakref_callback():
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))
+    del thing  # the callback runs here
+    assert ref() is None
+
+
+@pytest.mark.parametrize("where", [_signal_in_a_gc_callback, _signal_in_a_weakref_callback])
+def test_sigint_where_python_ignores_exceptions_still_interrupts(where):
+    """Outside training a signal raises Interrupted at once; where Python prints and ignores
+    exceptions (a garbage-collector callback, which JAX registers, a weak-reference
+    callback), it is sent again and interrupts once that callback has returned. Before,
+    the signal was lost: a Ctrl-C during a download did not stop it."""
+    hook = sys.unraisablehook
+    with StopSignal():
+        with pytest.raises(Interrupted, match="SIGINT"):
+            where()
+            for _ in range(200):  # the signal comes back within 10 ms
+                time.sleep(0.01)
+    assert sys.unraisablehook is hook  # restored
 
 
 def test_sigint_during_data_loading(monkeypatch, tmp_path, capsys, use_synthetic):
