@@ -7,18 +7,18 @@
   slices, stacked) and one matmul with a custom gradient (:func:`im2col_conv`);
   everywhere else, and for any other convolution, it is ``lax.conv_general_dilated``
   itself.
-- :func:`max_pool_2x2` and :func:`avg_pool_2x2`: on a CPU a reshape and a max (with a cheap
-  custom gradient) or a mean; elsewhere ``lax.reduce_window`` (``nnx.max_pool``).
+- :func:`max_pool_2x2` and :func:`avg_pool_2x2`: on a CPU a reshape and a max (with a custom
+  gradient that goes to the element XLA's select-and-scatter picks, ties included) or a
+  mean; elsewhere ``lax.reduce_window`` (``nnx.max_pool``).
 
 The choice is made when the program is lowered (``jax.lax.platform_dependent``), not when
 the model is built: one exported program carries both, each platform runs its own, and the
-parameters keep Flax's names and layout. Why on a CPU (2 cores, XLA:CPU, measured): the
-kernel gradient of ``lax.conv`` is a slow loop there (the seed CNN's step took over 2 s
-with autodiff of ``lax.conv``, 58 ms this way), and ``reduce_window``'s select-and-scatter
-gradient takes 6.7 ms where the custom gradient takes 3.6 ms at (128, 28, 28, 32). On a GPU
-or TPU the slices would hold nine times the activations, and XLA's convolutions are what
-the hardware is built for. ``tests/test_kernels.py`` checks both against each other, values
-and gradients.
+parameters keep Flax's names and layout. Both compute the same values and gradients within
+float rounding (``tests/test_kernels.py``, ``tests/test_models.py``); on XLA:CPU ours are
+several times faster (measured 2026-12-05 on 2 AMD EPYC cores: the max-pool gradient at
+(128, 28, 28, 32) in 1.1-1.6 ms against select-and-scatter's 47-51 ms; the seed CNN's step
+took over 2 s with autodiff of ``lax.conv``). On a GPU or TPU the patches would hold nine
+times the activations, and XLA's convolutions are what the hardware is built for.
 """
 
 from __future__ import annotations
@@ -378,8 +378,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 average pooling with stride 2 (odd sizes are cropped)."""
     return jax.lax.platform_dependent(
-        x, cpu=lambda x: _windows_2x2(x).mean(axis=(2, 4)),
+        x, cpu=_avg_pool_cpu,
         default=lambda x: nnx.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+
+
+def _avg_pool_cpu(x: jax.Array) -> jax.Array:
+    """A reshape and a mean (autodiff's gradient: a quarter to each element)."""
+    return _windows_2x2(x).mean(axis=(2, 4))
 
 
 def _windows_2x2(x: jax.Array) -> jax.Array:
@@ -389,11 +394,12 @@ def _windows_2x2(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_cpu(x: jax.Array) -> jax.Array:
-    """A reshape and a max, with a custom gradient: the output gradient, repeated 2x2, where
-    the input equals its window's maximum. That is autodiff's gradient except in windows
-    with several equal maxima, where each gets the whole gradient instead of a share: after
-    a ReLU the ties are zeros whose gradient the ReLU sets to 0 anyway, and after a
-    convolution float outputs tie only by chance."""
+    """A reshape and a max, with a custom gradient that is XLA's: the whole output gradient
+    goes to the *first* maximum of each window in window order (top-left, top-right,
+    bottom-left, bottom-right), the element ``reduce_window``'s select-and-scatter picks,
+    also where several elements tie (a flat background gives equal convolution outputs in
+    a third of the windows). The forward pass keeps that element's position, one int8 per
+    output, instead of the input."""
     _, h, w, _ = x.shape
     return _max_pool(x[:, : h - h % 2, : w - w % 2, :])
 
@@ -403,15 +409,31 @@ def _max_pool(x: jax.Array) -> jax.Array:
     return _windows_2x2(x).max(axis=(2, 4))
 
 
+def _max_and_first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each 2x2 window's maximum, and the position (0..3, row-major) that XLA's
+    select-and-scatter selects: it walks the window in order and moves on from the element
+    it holds only when that is not ``>=`` the next one (the first of tied maxima; NaN
+    included, as XLA does)."""
+    w = _windows_2x2(x)
+    held, position = w[:, :, 0, :, 0], jnp.zeros(w.shape[:2] + w.shape[3:4] + w.shape[5:],
+                                                  jnp.int8)
+    for i, (r, c) in enumerate(((0, 1), (1, 0), (1, 1)), start=1):
+        nxt = w[:, :, r, :, c]
+        keep = held >= nxt
+        held, position = jnp.where(keep, held, nxt), jnp.where(keep, position, jnp.int8(i))
+    return w.max(axis=(2, 4)), position
+
+
 def _max_pool_fwd(x):
-    y = _max_pool(x)
-    return y, (x, y)
+    return _max_and_first_argmax(x)
 
 
-def _max_pool_bwd(residuals, grad):
-    x, y = residuals
-    up = lambda a: jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)  # noqa: E731
-    return (jnp.where(x == up(y), up(grad), jnp.zeros((), grad.dtype)),)
+def _max_pool_bwd(position, grad):
+    n, h, w, c = position.shape
+    window = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1)  # (row, 1, column, 1)
+    spread = jnp.where(position[:, :, None, :, None] == window, grad[:, :, None, :, None],
+                       jnp.zeros((), grad.dtype))
+    return (spread.reshape(n, 2 * h, 2 * w, c),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

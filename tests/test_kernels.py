@@ -137,34 +137,133 @@ def test_users_nnx_conv_gets_the_fast_kernel_with_flaxs_results():
         np.testing.assert_allclose(g_fast, g_flax, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
-def test_max_pool_equals_nnx(shape):
-    x = jax.random.normal(jax.random.key(0), shape)
-    reference = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2),
-                                  padding="VALID")
-    np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
-    np.testing.assert_array_equal(kernels._max_pool_cpu(x), reference(x))
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x),
-                               jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x))
+# ---------------------------------------------------- inputs that tie, as real images do
+
+def flat_background_images(n: int = 8, seed: int = 0) -> np.ndarray:
+    """uint8 (n, 28, 28, 1) images like Fashion-MNIST's: a black background (a convolution
+    gives the same output all over it, so pooling windows tie) and a garment of flat
+    patches with a little texture."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    for image in images:
+        top, left = rng.integers(2, 8, 2)
+        bottom, right = rng.integers(20, 27, 2)
+        image[top:bottom, left:right] = rng.choice([80, 160, 200])
+        image[top + 3:bottom - 3:2, left + 2:right - 2] = rng.integers(0, 256)
+        image[rng.integers(0, 28, 6), rng.integers(0, 28, 6)] = 255
+    return images
 
 
-def test_avg_pool_equals_nnx():
-    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 3))
-    np.testing.assert_allclose(kernels.avg_pool_2x2(x), nnx.avg_pool(
-        x, (2, 2), strides=(2, 2), padding="VALID"), rtol=1e-6)
+def standardised(images: np.ndarray) -> jax.Array:
+    return (jnp.asarray(images, jnp.float32) / 255.0 - 0.2860) / 0.3530
 
 
-def test_max_pool_after_relu_has_autodiffs_gradient():
-    """With many all-zero windows (ReLU of mostly negative inputs), relu -> pool has
-    exactly the gradient of autodiff through the plain reshape-max."""
-    x = jax.random.normal(jax.random.key(1), (3, 8, 10, 4)) - 1.0
-    w = jax.random.normal(jax.random.key(2), (3, 4, 5, 4))
+TIED_INPUTS = {
+    "flat_background": lambda: standardised(flat_background_images()),
+    "constant": lambda: jnp.full((2, 8, 10, 3), 0.7),
+    "zeros": lambda: jnp.zeros((2, 8, 10, 3)),
+    "integers": lambda: jnp.asarray(
+        np.random.default_rng(1).integers(-2, 3, (3, 9, 7, 4)), jnp.float32),
+    "odd_sizes": lambda: jnp.asarray(
+        np.random.default_rng(2).integers(0, 2, (2, 7, 9, 2)), jnp.float32),
+    "inf_and_nan": lambda: jnp.asarray(np.array(
+        [[[-np.inf, -np.inf], [-np.inf, -np.inf]], [[np.nan, 1.0], [1.0, 2.0]],
+         [[1.0, np.nan], [1.0, 1.0]], [[0.0, -0.0], [-0.0, 0.0]]], np.float32
+    ).reshape(1, 2, 8, 1)),
+}
+MAX_POOL = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2),
+                             padding="VALID")
 
-    def plain(x):
-        n, h, wd, c = x.shape
-        return x.reshape(n, h // 2, 2, wd // 2, 2, c).max(axis=(2, 4))
 
-    ours = jax.grad(lambda x: jnp.sum(max_pool_2x2(jax.nn.relu(x)) * w))(x)
-    ref = jax.grad(lambda x: jnp.sum(plain(jax.nn.relu(x)) * w))(x)
-    assert float((plain(jax.nn.relu(x)) == 0).mean()) > 0.3  # ties are really there
-    np.testing.assert_array_equal(ours, ref)
+def _values_and_gradient(pool, x, weights):
+    return jax.value_and_grad(lambda x: jnp.nansum(pool(x) * weights))(x)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["before_relu", "after_relu"])
+@pytest.mark.parametrize("name", TIED_INPUTS)
+def test_max_pool_gradient_goes_where_xlas_does(name, relu):
+    """The CPU's pooling against nnx.max_pool (reduce_window and select-and-scatter, what
+    GPUs and TPUs run) on inputs whose windows tie: the same values and the same gradient,
+    exactly, the whole gradient to the first maximum of each window."""
+    x = TIED_INPUTS[name]()
+    if relu:
+        x = jax.nn.relu(x)
+    out = MAX_POOL(x).shape
+    weights = jax.random.normal(jax.random.key(3), out)
+    ties = (kernels._windows_2x2(x) == MAX_POOL(x)[:, :, None, :, None]).sum(axis=(2, 4))
+    assert int((ties > 1).sum()) > 0  # the case this test is about is there
+    for ours in (kernels._max_pool_cpu, max_pool_2x2):
+        (v1, g1), (v2, g2) = (_values_and_gradient(ours, x, weights),
+                              _values_and_gradient(MAX_POOL, x, weights))
+        np.testing.assert_array_equal(ours(x), MAX_POOL(x))
+        np.testing.assert_array_equal(v1, v2)
+        np.testing.assert_array_equal(g1, g2)
+
+
+def test_max_pool_gradient_is_one_per_window():
+    """A constant image: one element of each window, the top-left one, gets the gradient
+    (the old rule gave all four the whole of it)."""
+    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(jnp.ones((1, 4, 4, 1)))[0, :, :, 0]
+    np.testing.assert_array_equal(grad, np.tile([[1.0, 0.0], [0.0, 0.0]], (2, 2)))
+
+
+def test_avg_pool_equals_nnx_on_ties():
+    for make in TIED_INPUTS.values():
+        x = jnp.nan_to_num(make(), nan=0.5, neginf=-3.0)
+        reference = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2),
+                                      padding="VALID")
+        weights = jax.random.normal(jax.random.key(4), reference(x).shape)
+        (v1, g1), (v2, g2) = (_values_and_gradient(kernels._avg_pool_cpu, x, weights),
+                              _values_and_gradient(reference, x, weights))
+        np.testing.assert_allclose(kernels._avg_pool_cpu(x), reference(x), rtol=1e-6,
+                                   atol=1e-6)
+        np.testing.assert_allclose(v1, v2, rtol=1e-5)
+        np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["kept", "large", "recomputed"])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_conv_then_pool_equals_xla_on_flat_backgrounds(path, padding, monkeypatch):
+    """A 3x3 convolution and max pooling over images with black backgrounds (a third of the
+    windows tie), ours (im2col with each of its backward paths, and the CPU's pooling)
+    against lax.conv_general_dilated and nnx.max_pool: values and the kernel's, the bias's
+    and the input's gradients within 1e-5."""
+    if path == "large":
+        monkeypatch.setattr(kernels, "_LARGE_PATCHES_BYTES", 0)
+    if path == "recomputed":
+        monkeypatch.setattr(kernels, "_KEEP_PATCHES_BYTES", 0)
+        monkeypatch.setattr(kernels, "_CHUNK_BYTES", 1)
+    x = standardised(flat_background_images(4))
+    k1 = jax.random.normal(jax.random.key(5), (3, 3, 1, 8)) * 0.3
+    k2 = jax.random.normal(jax.random.key(6), (3, 3, 8, 16)) * 0.1
+    bias = jnp.linspace(-0.2, 0.2, 16)
+
+    def net(conv, pool):
+        def f(x, k1, k2, bias):
+            y = pool(conv(x, k1))
+            y = pool(jax.nn.relu(conv(y, k2) + bias))
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3)))
+
+    ours = net(lambda x, k: conv_general_dilated(x, k, (1, 1), padding,
+                                                 dimension_numbers=NHWC),
+               kernels._max_pool_cpu)
+    reference = net(_lax(padding), MAX_POOL)
+    (v1, g1), (v2, g2) = ours(x, k1, k2, bias), reference(x, k1, k2, bias)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_conv_equals_lax_on_constant_and_zero_images():
+    """Every backward path of im2col on inputs where every patch is the same."""
+    for x in (jnp.zeros((2, 6, 6, 3)), jnp.full((2, 6, 6, 3), 2.5)):
+        k = jax.random.normal(jax.random.key(7), (3, 3, 3, 5))
+        for padding in ("SAME", "VALID"):
+            ours = lambda x, k: conv_general_dilated(x, k, (1, 1), padding,  # noqa: E731
+                                                     dimension_numbers=NHWC)
+            loss = lambda f: lambda x, k: jnp.sum(jnp.tanh(f(x, k)))  # noqa: E731
+            np.testing.assert_allclose(ours(x, k), _lax(padding)(x, k), rtol=1e-5, atol=1e-5)
+            for a, b in zip(jax.grad(loss(ours), (0, 1))(x, k),
+                            jax.grad(loss(_lax(padding)), (0, 1))(x, k)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,50 @@ def test_resnet_recomputation_changes_no_result():
     assert len(leaves[0]) == len(leaves[1]) > 20
     for a, b in zip(*leaves):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn_seed", "resnet"])
+def test_cpu_kernels_train_on_xlas_gradients(name, monkeypatch):
+    """Each CNN as a CPU trains it (im2col convolutions, our pooling, recomputed ResNet
+    blocks) against the same model on XLA's kernels (lax convolutions, nnx.max_pool and
+    nnx.avg_pool), as a GPU or TPU runs it: on images with black backgrounds, where a third
+    of the pooling windows tie, the loss and every gradient agree within 1e-5 (of the
+    largest gradient: a convolution's bias before batch norm has a gradient of zero, in
+    rounding noise)."""
+    from test_kernels import flat_background_images, standardised
+
+    from fmnist_jax import models
+
+    x = standardised(flat_background_images(16))
+    labels = jnp.arange(16) % 10
+    kwargs = {"features": (8, 16), "blocks": 1} if name == "resnet" else {}
+    if name == "cnn":
+        kwargs = {"features": (8, 16, 16), "dense": 32}
+    cpu = create_model(name, rngs=nnx.Rngs(params=0, dropout=1), **kwargs)
+    xla = nnx.clone(cpu)
+    for _, module in nnx.iter_modules(xla):
+        if isinstance(module, nnx.Conv):
+            module.conv_general_dilated = jax.lax.conv_general_dilated
+    if name == "resnet":
+        xla.remat_on_cpu = False
+
+    def gradients(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            m.train()
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    value_cpu, grad_cpu = gradients(cpu)
+    monkeypatch.setattr(models, "max_pool_2x2", functools.partial(
+        nnx.max_pool, window_shape=(2, 2), strides=(2, 2), padding="VALID"))
+    monkeypatch.setattr(models, "avg_pool_2x2", functools.partial(
+        nnx.avg_pool, window_shape=(2, 2), strides=(2, 2), padding="VALID"))
+    value_xla, grad_xla = gradients(xla)
+    np.testing.assert_allclose(value_cpu, value_xla, rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_xla))
+    for a, b in zip(jax.tree.leaves(grad_cpu), jax.tree.leaves(grad_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
