@@ -1,17 +1,20 @@
 """Models written the Flax way, made ready for :func:`fmnist_jax.fit`.
 
 ``fit`` trains any ``nnx.Module`` called as ``model(x)`` with its modes set the Flax way
-(``model.train()`` / ``model.eval()``), exactly as the Flax NNX tutorials write them, and any
-``flax.linen.Module``, bridged with ``nnx.bridge.ToNNX`` and initialised from a sample batch
-(:class:`LinenModel`). What :func:`prepare` does to the model it is given:
+(``model.train()`` / ``model.eval()``), exactly as the Flax NNX tutorials write them; an
+``nnx.Module`` whose ``__call__`` takes its mode as an argument (``train``, ``deterministic``,
+...: :data:`TRAIN_ARGUMENTS`), as code ported from Linen does (:class:`ModeArgument`); and
+any ``flax.linen.Module``, bridged with ``nnx.bridge.ToNNX`` and initialised from a sample
+batch (:class:`LinenModel`). What :func:`prepare` does to the model it is given:
 
 - an NNX module is copied (``nnx.clone``): training never touches the caller's object, which
-  ``fit`` updates with the trained weights at the end;
+  ``fit`` updates with the trained weights at the end (:func:`give_back`);
 - its ``nnx.Conv`` layers (and Linen ``nn.Conv`` ones) run through
   :func:`fmnist_jax.kernels.conv_general_dilated`: XLA's convolution on GPU/TPU, the several
   times faster im2col kernel on XLA:CPU, same parameters and results;
-- :func:`check` runs it abstractly on a sample batch, in both modes: a model that fails,
-  or does not return ``(batch, 10)`` logits, is refused with one line before training.
+- :func:`check` runs it abstractly on a sample batch, in both modes: a model that does not
+  return ``(batch, 10)`` logits is refused with one line before training, and one that
+  fails with the error of its own code, traceback included.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from flax import linen, nnx
 from fmnist_jax.errors import UserError
 from fmnist_jax.kernels import conv_general_dilated, use_fast_convolutions
 
-# Names of a Linen ``__call__`` argument that sets the mode, and its value when training.
+# Names of a ``__call__`` argument that sets the mode, and its value when training.
 TRAIN_ARGUMENTS = {"train": True, "training": True, "is_training": True,
                    "deterministic": False, "eval": False, "inference": False,
                    "use_running_average": False}
@@ -42,7 +45,18 @@ def prepare(model, sample: np.ndarray, rngs: nnx.Rngs) -> nnx.Module:
                         f"{type(model).__name__}")
     work = nnx.clone(model)
     use_fast_convolutions(work)
-    return work
+    argument = _mode_argument(model)
+    return work if argument is None else ModeArgument(work, argument)
+
+
+def give_back(model: nnx.Module, variables: dict) -> None:
+    """Puts the run's ``variables`` (``{"params", "rngs", "model_state"}``) into the
+    caller's NNX ``model`` (the one given to :func:`prepare`), in eval mode."""
+    parts = [variables[k] for k in ("params", "rngs", "model_state")]
+    if _mode_argument(model) is not None:  # trained inside a ModeArgument
+        parts = [part["module"] if "module" in part else part for part in parts]
+    nnx.update(model, *parts)
+    model.eval()
 
 
 def describe(model) -> str:
@@ -52,7 +66,9 @@ def describe(model) -> str:
 
 def check(graphdef: nnx.GraphDef, variables: tuple, sample: np.ndarray) -> None:
     """Runs the model abstractly (``jax.eval_shape``) on ``sample`` in training and in
-    inference mode; raises a one-line UserError unless it returns ``(batch, 10)`` logits."""
+    inference mode: an error of the model's own code propagates with its traceback and a
+    note; a model that returns anything but ``(batch, 10)`` logits is a one-line
+    UserError."""
     for mode in ("train", "eval"):
         def forward(variables, x):
             model = nnx.merge(graphdef, *variables, copy=True)
@@ -61,16 +77,33 @@ def check(graphdef: nnx.GraphDef, variables: tuple, sample: np.ndarray) -> None:
 
         try:
             out = jax.eval_shape(forward, variables, sample)
-        except Exception as e:  # noqa: BLE001 - whatever the user's code raises
-            text = (str(e).strip().splitlines() or [""])[0][:300]
-            raise UserError(f"the model fails on a sample batch of shape {sample.shape} in "
-                            f"{mode} mode ({type(e).__name__}: {text}); fit calls it as "
-                            "model(x) after model.train() or model.eval()") from None
+        except Exception as e:  # the user's own error, with its traceback and a note
+            e.add_note(f"fmnist_jax: the model fails on a sample batch of shape "
+                       f"{sample.shape} in {mode} mode; fit calls it as model(x) after "
+                       "model.train() or model.eval()")
+            raise
         shape = getattr(out, "shape", None)
         if shape != (len(sample), 10):
             got = f"shape {tuple(shape)}" if shape is not None else type(out).__name__
             raise UserError(f"the model returns {got} for a sample batch of shape "
                             f"{sample.shape}; fit needs logits of shape (batch, 10)")
+
+
+class ModeArgument(nnx.Module):
+    """An NNX module whose ``__call__`` takes its mode as an argument (``train=``,
+    ``deterministic=``, ...), as a model of the Flax conventions: ``model(x)``, with
+    ``model.train()`` / ``model.eval()`` setting ``deterministic``, which becomes the
+    module's argument."""
+
+    def __init__(self, module: nnx.Module, argument: str):
+        self.module = module
+        self.argument = argument
+        self.deterministic = False  # like a fresh NNX model: in training mode
+
+    def __call__(self, x):
+        training = not self.deterministic
+        wanted = TRAIN_ARGUMENTS[self.argument]
+        return self.module(x, **{self.argument: training if wanted else not training})
 
 
 class LinenModel(nnx.Module):
@@ -106,9 +139,9 @@ class LinenModel(nnx.Module):
                                **self._mode_kwargs(training))
 
 
-def _mode_argument(module: linen.Module) -> str | None:
-    """The name of the module's mode argument, None when it has none; a UserError when its
-    ``__call__`` needs an argument that fit cannot give."""
+def _mode_argument(module) -> str | None:
+    """The name of the (NNX or Linen) module's mode argument, None when it has none; a
+    UserError when its ``__call__`` needs an argument that fit cannot give."""
     parameters = list(inspect.signature(type(module).__call__).parameters.values())[2:]
     found = [p.name for p in parameters if p.name in TRAIN_ARGUMENTS]
     required = [p.name for p in parameters if p.name not in TRAIN_ARGUMENTS
@@ -117,7 +150,7 @@ def _mode_argument(module: linen.Module) -> str | None:
     if required or len(found) > 1:
         raise UserError(
             f"{type(module).__name__}.__call__ takes {', '.join(required or found)} besides "
-            "the images; fit calls a Linen module as module(x), with at most one of "
+            "the images; fit calls a model as model(x), with at most one of "
             f"{', '.join(TRAIN_ARGUMENTS)} to set the mode: wrap it in a module that does")
     return found[0] if found else None
 

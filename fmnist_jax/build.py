@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -56,6 +55,10 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
           loss_fn: LossFn | None = None, data: Dataset | None = None) -> Built:
     """The pipeline, state and steps of a run; ``model``, ``optimizer``, ``loss_fn`` and
     ``data`` replace the config's when given (see :func:`fmnist_jax.fit`)."""
+    if model is not None and config.dtype != "float32":
+        raise UserError(f"dtype={config.dtype} sets the computation dtype of this library's "
+                        "models; build your model's layers with Flax's dtype=jnp.bfloat16 "
+                        "instead (parameters stay float32) and leave dtype at float32")
     keys = dict(zip(("params", "dropout", "augment", "data"),
                     jax.random.split(jax.random.key(config.seed), 4)))
     pipeline = make_pipeline(config, data, keys["data"], devices)
@@ -76,7 +79,7 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
     adapt.check(graphdef, (state.params, state.rngs, state.model_state), normalize(sample))
     steps = make_steps(graphdef, optimizer, loss_fn or make_loss(config.loss,
                                                                  config.label_smoothing),
-                       replicated=devices.replicated, dtype=jnp.dtype(config.dtype),
+                       replicated=devices.replicated,
                        ema_decay=config.ema_decay,
                        augment=Augment(config.random_crop, config.random_flip,
                                        config.random_erasing) or None,

@@ -326,7 +326,7 @@ class Checkpointer:
         self.config = config.to_dict()
         self.every = config.checkpoint_every_steps
         self.started = started
-        self.last_saved = -1
+        self.last_saved = 0  # the start: the first save is at step N or the first after it
 
     def resume(self, template: TrainState) -> tuple[TrainState, dict] | None:
         """The newest checkpoint's state and metadata, or None (see

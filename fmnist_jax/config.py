@@ -106,8 +106,10 @@ class Config:
                                  "divisor of the epoch's steps nearest to 100 (every "
                                  "dispatch the same length: one compilation)")
     # Devices.
-    dtype: str = _f("float32", "compute dtype; bfloat16 for TPU/GPU (parameters and "
-                               "optimizer state stay float32)", DTYPES)
+    dtype: str = _f("float32", "computation dtype of our models' layers (Flax's dtype=): "
+                               "bfloat16 convolutions and matmuls, with float32 parameters, "
+                               "optimizer state and batch-norm statistics; a model of your "
+                               "own sets its layers' dtype itself", DTYPES)
     distributed: bool = _f(False, "call jax.distributed.initialize() to train on several "
                                   "hosts (automatic when JAX_COORDINATOR_ADDRESS is set)")
     # Output and checkpoints.
@@ -148,7 +150,8 @@ class Config:
     def model_kwargs(self) -> dict:
         return dict(hidden=self.hidden, features=self.features, dense=self.dense,
                     dropout=None if self.dropout < 0 else self.dropout,
-                    batch_norm=self.batch_norm, blocks=self.blocks)
+                    batch_norm=self.batch_norm, blocks=self.blocks,
+                    dtype=None if self.dtype == "float32" else self.dtype)
 
     def to_dict(self) -> dict:
         """JSON-ready values (tuples as lists), as in config.json and checkpoints."""

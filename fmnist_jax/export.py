@@ -56,14 +56,13 @@ def export(classifier: Classifier, platforms: tuple[str, ...]) -> jax.export.Exp
     symbolic batch size."""
     size, graphdef = classifier.batch_size, classifier.graphdef
     variables = jax.tree.map(jnp.asarray, classifier.variables)
-    dtype = jnp.dtype(classifier.dtype)
 
     def logits(images):
         n = images.shape[0]
         batches = (n + size - 1) // size  # symbolic: the last batch padded, as the run does
         padded = jnp.pad(images, ((0, batches * size - n), (0, 0), (0, 0), (0, 0)))
         out = eval_batches(variables, padded.reshape((batches, size, 28, 28, 1)),
-                           graphdef=graphdef, dtype=dtype, tta_flip=classifier.tta_flip,
+                           graphdef=graphdef, tta_flip=classifier.tta_flip,
                            tta_shift=classifier.tta_shift)
         return out.reshape(batches * size, out.shape[-1])[:n]
 

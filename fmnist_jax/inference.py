@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,7 +45,6 @@ class Classifier:
     graphdef: nnx.GraphDef
     variables: dict  # {"params", "model_state", "rngs"}: the weights the run reports
     batch_size: int = 100  # images per evaluation step: the run's --eval_batch_size
-    dtype: str = "float32"
     step: int | None = None  # the checkpoint's step, when loaded from one
     description: str = ""  # which weights these are, in words
     tta_flip: bool = False  # the run's --tta_flip: logits averaged with the mirror image's
@@ -54,8 +52,7 @@ class Classifier:
 
     @functools.cached_property
     def _eval_batches(self):
-        return make_eval_steps(self.graphdef, jnp.dtype(self.dtype),
-                               self.tta_flip, self.tta_shift).eval_batches
+        return make_eval_steps(self.graphdef, self.tta_flip, self.tta_shift).eval_batches
 
     @property
     def model(self) -> nnx.Module:
@@ -130,7 +127,7 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
         chosen, description, variables = _restore(
             workdir, config, summary, step, best, {"params": params, "model_state": model_state})
     return Classifier(graphdef, {**variables, "rngs": rngs}, config.eval_batch_size,
-                      config.dtype, chosen, description, config.tta_flip, config.tta_shift)
+                      chosen, description, config.tta_flip, config.tta_shift)
 
 
 def _restore(workdir: Path, config: Config, summary: dict | None, step: int | None,

@@ -290,6 +290,11 @@ def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None
         raise UserError("tfds has no prepared fashion_mnist here, and preparing it needs "
                         f"TensorFlow ({e}): pip install 'fmnist_jax[tensorflow]', or use "
                         "--data_source=idx (the default, no TensorFlow)")
-    except Exception as e:  # tfds raises many types; the message is what matters here
-        raise UserError(f"tfds could not load fashion_mnist: {type(e).__name__}: {e}")
+    except tfds.core.DatasetNotFoundError as e:
+        raise UserError(f"tfds has no fashion_mnist in {data_dir or 'its data dir'}: "
+                        f"{e}") from e
+    except Exception as e:  # anything else is tfds's own failure: its traceback is kept
+        e.add_note("fmnist_jax: tfds.data_source('fashion_mnist') failed; "
+                   "--data_source=idx reads the official files without tfds")
+        raise
     return {"train": sources[0], "test": sources[1], "class_names": CLASS_NAMES}

@@ -6,6 +6,11 @@ Every model follows Flax's conventions, as a model of your own does: it maps flo
 draws its keys from the ``nnx.Rngs`` the model was built with (its ``dropout`` stream,
 else ``default``), whose state is part of the model's state.
 
+Like Flax's layers, every model takes ``dtype``, the dtype of its computation (``None``:
+that of its inputs and parameters, float32; ``jnp.bfloat16``: every convolution and matmul
+on bfloat16 operands, batch norm's statistics kept in float32), and ``param_dtype``, the
+dtype of its parameters (float32).
+
 Convolutions are ``nnx.Conv`` with :func:`fmnist_jax.kernels.conv_general_dilated` as their
 kernel, and pooling is :func:`fmnist_jax.kernels.max_pool_2x2`: XLA's own on GPU and TPU,
 several times faster formulations on XLA:CPU (see :mod:`fmnist_jax.kernels`).
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from fmnist_jax.kernels import (avg_pool_2x2, conv_general_dilated, max_pool_2x2,
@@ -25,10 +31,15 @@ NUM_CLASSES = 10
 
 
 def Conv(in_features: int, out_features: int, kernel_size: int = 3, padding: str = "SAME",
-         *, rngs: nnx.Rngs) -> nnx.Conv:
+         *, rngs: nnx.Rngs, **dtypes) -> nnx.Conv:
     """``nnx.Conv`` (square kernel, stride 1) with the per-platform kernel."""
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding=padding,
-                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+                    conv_general_dilated=conv_general_dilated, rngs=rngs, **dtypes)
+
+
+def _dtypes(dtype, param_dtype) -> dict:
+    """The ``dtype`` and ``param_dtype`` arguments of Flax's layers."""
+    return {"dtype": dtype, "param_dtype": param_dtype}
 
 
 class MLP(nnx.Module):
@@ -38,12 +49,13 @@ class MLP(nnx.Module):
     """
 
     def __init__(self, hidden: Sequence[int] = (300, 100), dropout: float = 0.2, *,
-                 rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        t = _dtypes(dtype, param_dtype)
         sizes = (28 * 28, *hidden)
         self.hidden = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+            [nnx.Linear(a, b, rngs=rngs, **t) for a, b in zip(sizes[:-1], sizes[1:])])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.head = nnx.Linear(sizes[-1], NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(sizes[-1], NUM_CLASSES, rngs=rngs, **t)
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
@@ -59,13 +71,14 @@ class CNNSeed(nnx.Module):
     ReLU, Dropout 0.5, Dense 10.
     """
 
-    def __init__(self, *, rngs: nnx.Rngs):
-        self.conv1 = Conv(1, 32, 3, "VALID", rngs=rngs)
-        self.conv2 = Conv(32, 64, 3, "VALID", rngs=rngs)
+    def __init__(self, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        t = _dtypes(dtype, param_dtype)
+        self.conv1 = Conv(1, 32, 3, "VALID", rngs=rngs, **t)
+        self.conv2 = Conv(32, 64, 3, "VALID", rngs=rngs, **t)
         self.drop_conv = nnx.Dropout(0.25, rngs=rngs)
-        self.dense = nnx.Linear(12 * 12 * 64, 128, rngs=rngs)
+        self.dense = nnx.Linear(12 * 12 * 64, 128, rngs=rngs, **t)
         self.drop_dense = nnx.Dropout(0.5, rngs=rngs)
-        self.head = nnx.Linear(128, NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(128, NUM_CLASSES, rngs=rngs, **t)
 
     def __call__(self, x):
         x = nnx.relu(self.conv1(x))
@@ -87,19 +100,22 @@ class CNN(nnx.Module):
     """
 
     def __init__(self, features: Sequence[int] = (32, 64, 128), dense: int = 256,
-                 dropout: float = 0.1, batch_norm: bool = True, *, rngs: nnx.Rngs):
+                 dropout: float = 0.1, batch_norm: bool = True, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        t = _dtypes(dtype, param_dtype)
         channels = (1, *features)
         self.convs = nnx.List(
-            [Conv(a, b, 3, "SAME", rngs=rngs) for a, b in zip(channels[:-1], channels[1:])])
+            [Conv(a, b, 3, "SAME", rngs=rngs, **t)
+             for a, b in zip(channels[:-1], channels[1:])])
         self.norms = nnx.List(
-            [nnx.BatchNorm(b, momentum=0.9, rngs=rngs) for b in features] if batch_norm
+            [nnx.BatchNorm(b, momentum=0.9, rngs=rngs, **t) for b in features] if batch_norm
             else [])
         side = 28
         for _ in features:
             side //= 2
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.dense = nnx.Linear(side * side * features[-1], dense, rngs=rngs)
-        self.head = nnx.Linear(dense, NUM_CLASSES, rngs=rngs)
+        self.dense = nnx.Linear(side * side * features[-1], dense, rngs=rngs, **t)
+        self.head = nnx.Linear(dense, NUM_CLASSES, rngs=rngs, **t)
 
     def __call__(self, x):
         for i, conv in enumerate(self.convs):
@@ -119,14 +135,15 @@ class ResidualBlock(nnx.Module):
     convolution, so no stride-2 convolution computes outputs it throws away."""
 
     def __init__(self, in_features: int, out_features: int, downsample: bool,
-                 dropout: float, *, rngs: nnx.Rngs):
+                 dropout: float, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        t = _dtypes(dtype, param_dtype)
         self.downsample = downsample
-        self.norm1 = nnx.BatchNorm(in_features, momentum=0.9, rngs=rngs)
-        self.conv1 = Conv(in_features, out_features, 3, "SAME", rngs=rngs)
-        self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
+        self.norm1 = nnx.BatchNorm(in_features, momentum=0.9, rngs=rngs, **t)
+        self.conv1 = Conv(in_features, out_features, 3, "SAME", rngs=rngs, **t)
+        self.norm2 = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs, **t)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.conv2 = Conv(out_features, out_features, 3, "SAME", rngs=rngs)
-        self.project = (nnx.Linear(in_features, out_features, use_bias=False, rngs=rngs)
+        self.conv2 = Conv(out_features, out_features, 3, "SAME", rngs=rngs, **t)
+        self.project = (nnx.Linear(in_features, out_features, use_bias=False, rngs=rngs, **t)
                         if in_features != out_features else None)
 
     def __call__(self, x):
@@ -155,18 +172,20 @@ class ResNet(nnx.Module):
     """
 
     def __init__(self, features: Sequence[int] = (64, 128, 256), blocks: int = 2,
-                 dropout: float = 0.0, remat_on_cpu: bool = True, *, rngs: nnx.Rngs):
+                 dropout: float = 0.0, remat_on_cpu: bool = True, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        t = _dtypes(dtype, param_dtype)
         self.remat_on_cpu = remat_on_cpu
-        self.stem = Conv(1, features[0], 3, "SAME", rngs=rngs)
+        self.stem = Conv(1, features[0], 3, "SAME", rngs=rngs, **t)
         layers, width = [], features[0]
         for stage, out in enumerate(features):
             for b in range(blocks):
                 layers.append(ResidualBlock(width, out, stage > 0 and b == 0, dropout,
-                                            rngs=rngs))
+                                            rngs=rngs, **t))
                 width = out
         self.blocks = nnx.List(layers)
-        self.norm = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-        self.head = nnx.Linear(width, NUM_CLASSES, rngs=rngs)
+        self.norm = nnx.BatchNorm(width, momentum=0.9, rngs=rngs, **t)
+        self.head = nnx.Linear(width, NUM_CLASSES, rngs=rngs, **t)
 
     def __call__(self, x):
         x = self.stem(x)
@@ -179,16 +198,20 @@ class ResNet(nnx.Module):
 def create_model(name: str, *, rngs: nnx.Rngs, hidden: Sequence[int] = (300, 100),
                  features: Sequence[int] = (32, 64, 128), dense: int = 256,
                  dropout: float | None = None, batch_norm: bool = True,
-                 blocks: int = 2) -> nnx.Module:
-    """Builds a named model; ``dropout=None`` keeps the model's own default."""
+                 blocks: int = 2, dtype=None) -> nnx.Module:
+    """Builds a named model; ``dropout=None`` keeps the model's own default; ``dtype`` is
+    the computation's (parameters stay float32)."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
     if name == "mlp":
-        return MLP(hidden, 0.2 if dropout is None else dropout, rngs=rngs)
+        return MLP(hidden, 0.2 if dropout is None else dropout, dtype=dtype, rngs=rngs)
     if name == "cnn":
-        return CNN(features, dense, 0.1 if dropout is None else dropout, batch_norm, rngs=rngs)
+        return CNN(features, dense, 0.1 if dropout is None else dropout, batch_norm,
+                   dtype=dtype, rngs=rngs)
     if name == "cnn_seed":
-        return CNNSeed(rngs=rngs)
+        return CNNSeed(dtype=dtype, rngs=rngs)
     if name == "resnet":
-        return ResNet(features, blocks, 0.0 if dropout is None else dropout, rngs=rngs)
+        return ResNet(features, blocks, 0.0 if dropout is None else dropout, dtype=dtype,
+                      rngs=rngs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

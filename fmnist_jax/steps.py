@@ -123,29 +123,21 @@ def make_loss(loss: str = "sparse", label_smoothing: float = 0.0) -> LossFn:
     return functools.partial(cross_entropy, loss=loss, label_smoothing=label_smoothing)
 
 
-def _cast(tree, dtype):
-    """Floating-point leaves to ``dtype`` (a no-op for float32)."""
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def _merge(graphdef, variables: dict, dtype) -> nnx.Module:
-    """The model with its parameters in the compute dtype (the master copies stay float32).
-    Batch-norm statistics stay float32, as mixed precision wants them."""
-    return nnx.merge(graphdef, _cast(variables["params"], dtype), variables["rngs"],
+def _merge(graphdef, variables: dict) -> nnx.Module:
+    """The model of ``{"params", "rngs", "model_state"}``."""
+    return nnx.merge(graphdef, variables["params"], variables["rngs"],
                      variables["model_state"], copy=True)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss_fn: LossFn,
-               dtype=jnp.float32, ema_decay: float = 0.0,
+               tx: optax.GradientTransformation, loss_fn: LossFn, ema_decay: float = 0.0,
                augment: Callable | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. Returns the new state and the batch's mean loss and accuracy.
 
     The model runs in training mode (``model.train()``), as ``model(images)``; dropout
-    draws from the model's own RNG streams, which advance in the state. ``dtype`` is the
-    compute dtype (``jnp.bfloat16`` on TPU/GPU): the forward and backward passes run in it,
-    while parameters, optimizer state and the loss stay float32. When the state keeps
+    draws from the model's own RNG streams, which advance in the state. The model computes
+    in its own dtype (Flax's ``dtype``, e.g. bfloat16); the images it gets and the loss are
+    float32, as are the gradients of float32 parameters. When the state keeps
     moving averages, they move with weight :func:`ema_decay_at`. ``augment`` (an
     :class:`fmnist_jax.augment.Augment`) transforms the float pixels with the key
     ``fold_in(state.rng, state.step)``.
@@ -153,11 +145,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     images = batch["image"].astype(jnp.float32)
     if augment:
         images = augment(images, jax.random.fold_in(state.rng, state.step))
-    images = normalize(images).astype(dtype)
+    images = normalize(images)
 
     def objective(params, rngs, model_state):
         model = _merge(graphdef, {"params": params, "rngs": rngs,
-                                  "model_state": model_state}, dtype)
+                                  "model_state": model_state})
         model.train()
         logits = model(images)
         _, _, new_rngs, new_model_state = split_model(model)
@@ -181,8 +173,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-              dtype=jnp.float32, tta_flip: bool = False, tta_shift: bool = False
-              ) -> jax.Array:
+              tta_flip: bool = False, tta_shift: bool = False) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
     mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
     (:func:`inference_variables`).
@@ -195,9 +186,9 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     9 views at once, ``fmnist-evaluate`` of a ``best_cpu_long`` run peaked at 963 MB, one
     at a time at 557 MB (and 29 s instead of 34).
     """
-    model = _merge(graphdef, variables, dtype)
+    model = _merge(graphdef, variables)
     model.eval()
-    logits = lambda v: model(normalize(v).astype(dtype)).astype(jnp.float32)  # noqa: E731
+    logits = lambda v: model(normalize(v)).astype(jnp.float32)  # noqa: E731
     views = tta_views(images, flip=tta_flip, shift=tta_shift)
     if len(views) == 1:
         return logits(images)
@@ -225,13 +216,12 @@ def tta_views(images: jax.Array, *, flip: bool = False, shift: bool = False) -> 
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-                 dtype=jnp.float32, tta_flip: bool = False, tta_shift: bool = False
-                 ) -> jax.Array:
+                 tta_flip: bool = False, tta_shift: bool = False) -> jax.Array:
     """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
     logits ``(batches, batch, 10)``."""
     return jax.lax.map(lambda batch: eval_step(variables, batch, graphdef=graphdef,
-                                               dtype=dtype, tta_flip=tta_flip,
-                                               tta_shift=tta_shift), images)
+                                               tta_flip=tta_flip, tta_shift=tta_shift),
+                       images)
 
 
 def scan_train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -274,7 +264,7 @@ class Steps(NamedTuple):
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
-               *, replicated=None, dtype=jnp.float32, ema_decay: float = 0.0,
+               *, replicated=None, ema_decay: float = 0.0,
                augment: Callable | None = None, tta_flip: bool = False,
                tta_shift: bool = False) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
@@ -285,11 +275,11 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
     mesh, so that the outputs of one call fit the inputs of the next without recompiling.
     """
     train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
-                              dtype=dtype, ema_decay=ema_decay, augment=augment)
+                              ema_decay=ema_decay, augment=augment)
     pinned = {} if replicated is None else {"out_shardings": replicated}
     options = {"donate_argnums": 0, "compiler_options": cpu_compiler_options(), **pinned}
-    evals = make_eval_steps(graphdef, dtype, tta_flip, tta_shift)
-    monitor = make_eval_steps(graphdef, dtype) if tta_flip or tta_shift else evals
+    evals = make_eval_steps(graphdef, tta_flip, tta_shift)
+    monitor = make_eval_steps(graphdef) if tta_flip or tta_shift else evals
     return Steps(
         train_step=jax.jit(train, **options),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train), **options),
@@ -304,11 +294,11 @@ class EvalSteps(NamedTuple):
     eval_batches: Callable
 
 
-def make_eval_steps(graphdef: nnx.GraphDef, dtype=jnp.float32, tta_flip: bool = False,
+def make_eval_steps(graphdef: nnx.GraphDef, tta_flip: bool = False,
                     tta_shift: bool = False) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
     options = {"compiler_options": cpu_compiler_options()}
-    bound = {"graphdef": graphdef, "dtype": dtype, "tta_flip": tta_flip,
+    bound = {"graphdef": graphdef, "tta_flip": tta_flip,
              "tta_shift": tta_shift}
     return EvalSteps(
         eval_step=jax.jit(functools.partial(eval_step, **bound), **options),

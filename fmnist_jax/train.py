@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fmnist_jax import parallel
+from fmnist_jax import adapt, parallel
 from fmnist_jax.build import Built, build
 from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
 from fmnist_jax.cli import exit_now, output_pipe_closed, parse_config, quiet_library_logs
@@ -68,7 +68,7 @@ class Result:
     def classifier(self) -> Classifier:
         """The run's model, ready to classify raw images."""
         return Classifier(self.graphdef, self.variables, self.config.eval_batch_size,
-                          self.config.dtype, self.summary["checkpoint_step"],
+                          self.summary["checkpoint_step"],
                           "the run's model", self.config.tta_flip, self.config.tta_shift)
 
     @property
@@ -127,8 +127,7 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
             result = _finish(built, config, state, progress, trainer, reporter, started,
                              checkpointer)
     if isinstance(model, nnx.Module):  # the caller's module gets the run's model
-        nnx.update(model, *(result.variables[k] for k in ("params", "rngs", "model_state")))
-        model.eval()
+        adapt.give_back(model, result.variables)
     return result
 
 

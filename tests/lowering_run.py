@@ -26,11 +26,16 @@ def abstract(tree):
 
 def contents(text: str) -> dict:
     """What a lowered program holds: native convolutions and pooling, im2col's patches (the
-    kernel's rows stacked: a concatenate into (N, Ho, Wo, kh, kw, C)), bfloat16
-    convolutions, loops, sharding annotations, jax.checkpoint's optimization barriers."""
+    kernel's rows stacked: a concatenate into (N, Ho, Wo, kh, kw, C)), the operand types of
+    every convolution and matmul, loops, sharding annotations, jax.checkpoint's
+    optimization barriers."""
     concats = re.findall(r"stablehlo\.concatenate [^\n]*-> tensor<([0-9x]*)[a-z]", text)
+    operands = re.findall(r"stablehlo\.(?:convolution|dot_general)[^\n]*: \(tensor<[0-9x]*x?"
+                          r"([a-z0-9]+)>, tensor<[0-9x]*x?([a-z0-9]+)>\)", text)
     return {"convolutions": text.count("stablehlo.convolution"),
-            "bf16_convolutions": len(re.findall(r"stablehlo\.convolution[^\n]*bf16", text)),
+            "matmuls": text.count("stablehlo.dot_general"),
+            "operand_types": sorted({"/".join(pair) for pair in operands}),
+            "typed_operations": len(operands),
             "reduce_window": text.count("stablehlo.reduce_window"),
             "patch_stacks": sum(shape.count("x") == 6 for shape in concats),
             "while": text.count("stablehlo.while"),
@@ -40,10 +45,11 @@ def contents(text: str) -> dict:
 
 def lower(name: str, dtype, devices) -> list[dict]:
     tx = optax.adam(1e-3)
-    model = models.create_model(name, rngs=nnx.Rngs(params=0, dropout=1), **MODELS[name])
+    model = models.create_model(name, rngs=nnx.Rngs(params=0, dropout=1), dtype=dtype,
+                                **MODELS[name])
     graphdef, state = create_train_state(model, tx, jax.random.key(0), ema=True)
     replicated = devices.replicated if devices else None
-    steps = make_steps(graphdef, tx, make_loss(), replicated=replicated, dtype=dtype)
+    steps = make_steps(graphdef, tx, make_loss(), replicated=replicated)
     batch_sharding = devices.sharded() if devices else None
     if devices:
         state = devices.replicate(state)

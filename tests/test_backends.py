@@ -45,7 +45,6 @@ def test_accelerators_get_native_convolutions_and_pooling(lowered, platform):
             # Forward, input and kernel gradients: XLA's convolution, and reduce_window.
             assert r["train"]["convolutions"] >= 5 and r["eval"]["convolutions"] >= 2, r
             assert r["train"]["reduce_window"] >= 1, r
-            assert (r["train"]["bf16_convolutions"] > 0) == (r["dtype"] == "bfloat16"), r
 
 
 def test_the_cpu_gets_im2col(lowered):
@@ -71,6 +70,18 @@ def test_only_the_cpu_recomputes_the_resnets_blocks(lowered):
         cpu = {"resnet": 2, "cnn_seed": int(r["dtype"] == "float32")}.get(r["model"], 0)
         assert r["train"]["barriers"] == (cpu if r["platform"] == "cpu" else 0), r
         assert r["eval"]["barriers"] == 0, r
+
+
+def test_every_convolution_and_matmul_computes_in_the_runs_dtype(lowered):
+    """Under bfloat16 every convolution and dot_general of the train and eval steps, on
+    every platform, has bfloat16 operands (float32 ones under float32), and every one of
+    them was seen."""
+    for r in lowered:
+        operands = "bf16/bf16" if r["dtype"] == "bfloat16" else "f32/f32"
+        for fn in ("train", "eval"):
+            counted = r[fn]["convolutions"] + r[fn]["matmuls"]
+            assert counted > 0 and r[fn]["typed_operations"] == counted, r
+            assert r[fn]["operand_types"] == [operands], (r["model"], r["platform"], fn, r[fn])
 
 
 def test_bfloat16_keeps_parameters_and_optimizer_state_float32(lowered):

@@ -78,6 +78,17 @@ def test_keeps_latest_and_best(tmp_path):
     assert load_model(tmp_path).step == 6 * 16  # the run's model: no early stopping
 
 
+def test_first_step_checkpoint_is_at_the_first_boundary_at_or_after_n(tmp_path):
+    """--checkpoint_every_steps=12 with dispatches of 5 steps (16 an epoch): a save at the
+    first boundary at or after each multiple of 12 (15, 26, 37), and at each epoch's end;
+    none at the first dispatch (step 5)."""
+    config = Config(epochs=3, checkpoint_every_steps=12, keep_checkpoints=100, **TINY)
+    fit(config, data=tiny_dataset(), workdir=str(tmp_path))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    # Dispatch boundaries: 5, 10, 15, 16 | 21, 26, 31, 32 | 37, 42, 47, 48.
+    assert steps == [15, 16, 26, 32, 37, 48]
+
+
 def test_resume_in_process_is_bitwise(tmp_path):
     config = Config(epochs=3, checkpoint_every_steps=7, keep_checkpoints=100, **TINY)
     whole = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "whole"))

@@ -150,11 +150,11 @@ def test_bad_batch_size():
 
 
 class TinyNet(nnx.Module):
-    """A user's own model: one hidden layer with dropout."""
+    """A user's own model: one hidden layer with dropout, its mode an argument."""
 
     def __init__(self, rngs: nnx.Rngs):
         self.hidden = nnx.Linear(784, 64, rngs=rngs)
-        self.dropout = nnx.Dropout(0.1)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
         self.out = nnx.Linear(64, 10, rngs=rngs)
 
     def __call__(self, x, *, train=False, rngs=None):
@@ -162,7 +162,7 @@ class TinyNet(nnx.Module):
         return self.out(self.dropout(x, deterministic=not train, rngs=rngs))
 
 
-def test_custom_experiment_as_in_the_readme():
+def test_custom_model_optimizer_and_loss():
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.inject_hyperparams(optax.lion)(learning_rate=3e-4))
     loss_fn = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(  # noqa
