@@ -147,7 +147,8 @@ class Streamed:
     Grain's threads read and batch ahead (``prefetch`` chunks of steps). Every epoch is a
     deterministic function of (seed, epoch), so training resumes exactly at any step: the
     position is the epoch and the step within it. On several hosts each process reads and
-    feeds only its devices' part of every batch.
+    feeds only its devices' rows of every batch; the logits of an evaluation come back in
+    the split's order on every process.
     """
 
     def __init__(self, sources: dict, *, devices: Devices, batch_size: int,
@@ -176,10 +177,14 @@ class Streamed:
         self._splits: dict[str, Split] = {}
 
     def _chunks(self, dataset, batch_size: int, steps: int):
-        """Grain iterator of ``(steps, batch)`` chunks of this process's part of each batch."""
-        mine = self.devices.local_slice(batch_size)
-        chunks = (dataset.batch(batch_size).map(lambda b: jax.tree.map(lambda x: x[mine], b))
-                  .batch(steps))
+        """Grain iterator of ``(steps, rows)`` chunks of this process's rows of each batch
+        (:meth:`Devices.local_rows`): the other rows are never read."""
+        import grain
+
+        rows = self.devices.local_rows(batch_size)
+        mine = grain.MapDataset.range(len(dataset) // batch_size * len(rows)).map(
+            lambda i: dataset[i // len(rows) * batch_size + int(rows[i % len(rows)])])
+        chunks = mine.batch(len(rows)).batch(steps)
         return iter(chunks.to_iter_dataset(self.read_options))
 
     def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
@@ -190,7 +195,7 @@ class Streamed:
         chunks = self._chunks(epoch_data, self.batch_size, self.steps_per_dispatch)
         try:
             for chunk in chunks:
-                images, labels = (self.devices.shard_batch(chunk[k], axis=1)
+                images, labels = (self.devices.shard_batch(chunk[k], self.batch_size, axis=1)
                                   for k in ("image", "label"))
                 state, metrics = steps.train_batches(state, images, labels)
                 yield state, metrics, int(chunk["label"].shape[0])
@@ -207,7 +212,8 @@ class Streamed:
         chunks = self._chunks(padded, self.eval_batch_size, self.steps_per_dispatch)
         try:
             logits = [unbatched(run(
-                variables, self.devices.shard_batch(chunk["image"], axis=1)),
+                variables, self.devices.shard_batch(chunk["image"], self.eval_batch_size,
+                                                    axis=1)),
                 len(chunk["image"]) * self.eval_batch_size) for chunk in chunks]
         finally:
             chunks.close()

@@ -9,8 +9,10 @@ jit partitions them.
 Several hosts (a TPU pod slice, a GPU cluster): :func:`setup` calls
 ``jax.distributed.initialize()`` when asked (``--distributed``) or when the environment names
 a coordinator (``JAX_COORDINATOR_ADDRESS``); JAX auto-detects TPU pods, SLURM and Open MPI.
-Each host then feeds the part of every batch that belongs to its own devices, and only
-process 0 prints and writes files (checkpoints are written by all, through Orbax).
+Each host then feeds the rows of every batch that belong to its own devices (with the tfds
+pipeline it reads only those), and only process 0 prints and writes files (checkpoints are
+written by all, through Orbax, into a workdir that every host must see: a shared
+filesystem).
 """
 
 from __future__ import annotations
@@ -62,16 +64,34 @@ class Devices:
 
         return jax.tree.map(put, tree)
 
-    def shard_batch(self, tree, axis: int = 0):
-        """Places this process's part of a batch (split along ``axis``) on its devices."""
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.sharded(axis), x), tree)
+    def local_rows(self, size: int) -> np.ndarray:
+        """The rows of a global batch of ``size``, split over the ``data`` axis, that this
+        process's devices hold, in order: on several hosts each process reads and feeds
+        only these. They follow the mesh's device order, so they need not be contiguous."""
+        shards = self.sharded().addressable_devices_indices_map((size,)).values()
+        return np.unique(np.concatenate([np.arange(size)[index[0]] for index in shards]))
 
-    def local_slice(self, size: int) -> slice:
-        """This process's contiguous part of a global batch of ``size``."""
-        per_process = size // jax.process_count()
-        start = jax.process_index() * per_process
-        return slice(start, start + per_process)
+    def shard_batch(self, tree, size: int, axis: int = 0):
+        """Places this process's rows (:meth:`local_rows` of ``size``, in order, along
+        ``axis``) of a global batch on its devices, each where the mesh expects it."""
+        sharding = self.sharded(axis)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, sharding)
+        rows = self.local_rows(size)
+
+        def put(x):
+            shape = (*x.shape[:axis], size, *x.shape[axis + 1:])
+
+            def shard(index):  # a device's global rows, a contiguous run of this process's
+                start, stop, _ = index[axis].indices(size)
+                first = int(np.searchsorted(rows, start))
+                local = list(index)
+                local[axis] = slice(first, first + stop - start)
+                return x[tuple(local)]
+
+            return jax.make_array_from_callback(shape, sharding, shard)
+
+        return jax.tree.map(put, tree)
 
     def check_batch_size(self, batch_size: int, flag: str = "--batch_size") -> None:
         if batch_size % self.count:

@@ -89,11 +89,7 @@ def test_batch_size_must_divide_over_the_devices(reports):
 def _two_hosts(synthetic_dir, workdir, *args, env_of=lambda i: {}):
     """Runs the training command as 2 processes x 2 CPU devices joined by jax.distributed
     on this machine; returns [(returncode, stdout, stderr)] of both."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for i in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -122,6 +118,53 @@ def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
     assert summary["test_count"] == SYNTHETIC_TEST and summary["test_accuracy"] > 0.8
     assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()
     assert (tmp_path / "confusion_matrix.png").is_file()  # plots from both hosts' logits
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_on_the_tfds_path_read_their_own_rows_and_evaluate_as_one(tmp_path):
+    """tfds's pipeline on 4 devices in an interleaved mesh order, as 2 processes x 2
+    devices (each holding two runs of rows of every batch) and as 1 process: each process
+    reads only its own rows of every batch, the two together every row once; the test
+    split's logits are the one process's exactly, each in its place, and so are the losses
+    of an epoch of training (the logits after it within 1e-5: the gradients' sum over two
+    processes rounds otherwise)."""
+    pytest.importorskip("tensorflow_datasets")
+    script = [sys.executable, str(Path(__file__).parent / "tfds_hosts_run.py")]
+    base = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    one = subprocess.run([*script, str(tmp_path / "one.json")], capture_output=True,
+                         text=True, timeout=300, env={
+                             **base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [*script, str(tmp_path / f"host{i}.json")], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    single = json.loads((tmp_path / "one.json").read_text())
+    hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
+    assert [h["rows"] for h in hosts] == [[0, 1, 2, 3, 8, 9, 10, 11],
+                                          [4, 5, 6, 7, 12, 13, 14, 15]]
+    reads = [h["train_reads"] for h in hosts]
+    assert len(reads[0]) == len(reads[1]) == len(single["train_reads"]) // 2 == 40
+    assert not set(reads[0]) & set(reads[1])
+    assert sorted(reads[0] + reads[1]) == sorted(single["train_reads"])
+    for h in hosts:
+        assert h["logits_before"] == single["logits_before"]
+        assert h["losses"] == single["losses"]
+        # After training, the gradients' sum over the processes (Gloo) rounds otherwise.
+        np.testing.assert_allclose(h["logits_after"], single["logits_after"], atol=1e-5)
+        assert len(h["test_reads"]) == 48  # its half of the 96 test records
 
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(synthetic_dir,
