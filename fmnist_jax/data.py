@@ -9,7 +9,8 @@ Where the files are looked for, in order (the first directory holding all four w
 
 1. ``--data_dir`` or the ``FMNIST_DATA_DIR`` environment variable (only there, if given);
 2. the package cache, ``$XDG_CACHE_HOME/fmnist_jax`` (default ``~/.cache/fmnist_jax``);
-3. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist``;
+3. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist`` (the
+   ``datasets/fashion-mnist`` folder of each of ``$XDG_DATA_DIRS``);
 4. the Keras cache, ``~/.keras/datasets/fashion-mnist``;
 5. else they are downloaded into the package cache, atomically (temporary file, verify,
    rename), so an interrupted download never leaves a partial file behind.
@@ -222,14 +223,18 @@ def cache_dir() -> Path:
     return Path(base) / "fmnist_jax"
 
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt install dataset-fashion-mnist
+def system_data_dirs() -> list[Path]:
+    """``datasets/fashion-mnist`` in each of ``$XDG_DATA_DIRS`` (default ``/usr/local/share``
+    and ``/usr/share``): where Debian's ``dataset-fashion-mnist`` package puts the files."""
+    dirs = os.environ.get("XDG_DATA_DIRS") or "/usr/local/share:/usr/share"
+    return [Path(d) / "datasets" / "fashion-mnist" for d in dirs.split(os.pathsep) if d]
 
 
 def known_locations() -> list[Path]:
     """Where the files are looked for when no directory is given, in order."""
     return [
         cache_dir(),
-        DEBIAN_DIR,
+        *system_data_dirs(),
         Path(os.path.expanduser("~")) / ".keras" / "datasets" / "fashion-mnist",
     ]
 

@@ -10,8 +10,9 @@ on the validation split and early stopping (Flax's ``EarlyStopping``).
 
 Signals (:class:`StopSignal`): while training, SIGINT/SIGTERM asks the loop to checkpoint
 and stop at the end of the current dispatch, and the hosts of a multi-host run agree on it
-(every process stops at the same step); outside training a signal interrupts at once
-(:class:`Interrupted`).
+(every process stops at the same step; then :class:`Preempted`); a second signal, or one
+outside training, interrupts at once (:class:`Interrupted`). Both are ``KeyboardInterrupt``:
+in a notebook an interrupt stops ``fit`` as it stops any cell, and the kernel lives on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import _thread
 import dataclasses
 import functools
-import os
 import signal
 import sys
 import threading
@@ -35,26 +35,29 @@ from flax.training.early_stopping import EarlyStopping
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax import parallel
 from fmnist_jax.config import Config, monitor_sign
-from fmnist_jax.errors import UserError
 from fmnist_jax.report import process_age
 from fmnist_jax.steps import TrainState, inference_variables
 
 
-class Preempted(UserError):
-    """Training stopped by a signal after saving a checkpoint."""
+class Preempted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM at a dispatch boundary, after saving a
+    checkpoint (when there is a workdir)."""
 
     def __init__(self, message: str, signum: int, workdir=None):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum
         self.workdir = workdir
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside the training loop (set-up, data loading, final test)."""
+    """SIGINT or SIGTERM outside the training loop (set-up, data loading, final test), or
+    a second one during training: at once."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, during_training: bool = False):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.during_training = during_training
 
 
 TRAIN_METRICS = ("loss", "accuracy")
@@ -119,9 +122,10 @@ class Event:
 
 
 class StopSignal:
-    """SIGINT/SIGTERM handling. While ``armed`` (in the training loop) the first signal asks
-    the loop to checkpoint and stop, and a second one exits at once; outside the loop there
-    is nothing to save, and a signal raises :class:`Interrupted` right away."""
+    """SIGINT/SIGTERM handling, installed for a run and restored after it. While ``armed``
+    (in the training loop) the first signal asks the loop to checkpoint and stop, and a
+    second one raises :class:`Interrupted` at once; outside the loop there is nothing to
+    save, and a signal raises :class:`Interrupted` right away."""
 
     def __init__(self):
         self.enabled = threading.current_thread() is threading.main_thread()
@@ -141,9 +145,9 @@ class StopSignal:
         if not self.armed:
             raise Interrupted(signum)
         if self.signum is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr,
+            print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr,
                   flush=True)
-            os._exit(128 + signum)
+            raise Interrupted(signum, during_training=True)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, "
               "then stopping (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)

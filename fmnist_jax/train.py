@@ -10,8 +10,10 @@ the stop check), then evaluate the run's model
 on the test split once and write the summary. With a workdir, the run writes
 ``config.json``, ``metrics.jsonl`` (one line per epoch), ``summary.json``, plots and Orbax
 checkpoints there, and a run started again on the same workdir resumes exactly where the
-last one stopped. SIGINT (Ctrl-C) or SIGTERM finishes the current dispatch of steps, writes
-a checkpoint and exits; a second Ctrl-C exits at once.
+last one stopped. SIGINT (Ctrl-C, a notebook's interrupt) or SIGTERM finishes the current
+dispatch of steps, writes a checkpoint and raises ``KeyboardInterrupt``
+(:class:`~fmnist_jax.loop.Preempted`); a second one raises at once. ``fit`` restores the
+process's signal handlers when it returns.
 """
 
 from __future__ import annotations
@@ -368,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"fmnist-train: interrupted by {signal.Signals(signum).name} outside the "
-              f"training loop{_saved_hint(workdir)}", file=sys.stderr)
+        where = ("a second time during training" if getattr(e, "during_training", False)
+                 else "outside the training loop")
+        print(f"fmnist-train: interrupted by {signal.Signals(signum).name} {where}"
+              f"{_saved_hint(workdir)}", file=sys.stderr)
         return 128 + signum
     except BrokenPipeError:  # ``fmnist-train ... | head``: stop as a Unix tool would
         print(f"fmnist-train: stopped, its output pipe was closed{_saved_hint(workdir)}",

@@ -8,8 +8,10 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -34,12 +36,32 @@ def find_real_data() -> Path | None:
     return None
 
 
+REAL_DATA = find_real_data()
+# Hermetic: whatever the machine holds (the data in its known places, Debian's package, a
+# filled cache of data or compiled programs, a HOME) stays out of the tests. Every place
+# the library looks for data or keeps a cache points at this run's own empty folders, for
+# this process and the commands it starts; a test that wants the real data asks for it
+# (real_data_dir) and passes it explicitly.
+# (Done when pytest starts, not on import: scripts that import this module change nothing.)
+SANDBOX = Path(tempfile.gettempdir()) / f"fmnist_jax-tests-{os.getpid()}"
+
+
+def pytest_configure(config):
+    (SANDBOX / "home").mkdir(parents=True, exist_ok=True)
+    os.environ.pop("FMNIST_DATA_DIR", None)
+    os.environ.update({"HOME": str(SANDBOX / "home"), "XDG_CACHE_HOME": str(SANDBOX / "cache"),
+                       "XDG_DATA_DIRS": str(SANDBOX / "share")})
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SANDBOX, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    path = find_real_data()
-    if path is None:
+    if REAL_DATA is None:
         pytest.skip("the real Fashion-MNIST files are not here (set FMNIST_DATA_DIR)")
-    return path
+    return REAL_DATA
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -135,8 +135,8 @@ def places(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
     monkeypatch.setenv("FMNIST_MIRRORS", "http://127.0.0.1:9/")  # nothing listens there
-    debian = tmp_path / "debian"
-    monkeypatch.setattr(data, "DEBIAN_DIR", debian)
+    monkeypatch.setenv("XDG_DATA_DIRS", f"{tmp_path / 'share'}{os.pathsep}{tmp_path / 'usr'}")
+    debian = tmp_path / "share" / "datasets" / "fashion-mnist"
     return {"cache": tmp_path / "xdg" / "fmnist_jax", "debian": debian,
             "keras": home / ".keras" / "datasets" / "fashion-mnist",
             "explicit": tmp_path / "explicit"}
@@ -156,7 +156,9 @@ def test_discovery_order(places, monkeypatch):
 
 
 def test_known_locations_follow_xdg(places):
-    assert data.known_locations() == [places["cache"], places["debian"], places["keras"]]
+    assert data.known_locations() == [places["cache"], places["debian"],
+                                      places["debian"].parents[2] / "usr/datasets/fashion-mnist",
+                                      places["keras"]]
 
 
 def test_explicit_dir_missing_a_file(places):

@@ -511,3 +511,35 @@ def test_sigint_during_final_test_evaluation(monkeypatch, tmp_path, capsys, use_
     assert code == 130
     assert f"the checkpoints in {tmp_path} are complete" in err
     assert Checkpoints(tmp_path).steps() == [(SYNTHETIC_TRAIN - SYNTHETIC_VAL) // 128]
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_interrupts_during_fit_raise_keyboard_interrupt_and_restore_handlers(
+        signals, monkeypatch, tmp_path):
+    """In a process fit does not own (a notebook, a script): one SIGINT during training
+    saves a checkpoint at the next dispatch boundary and raises KeyboardInterrupt
+    (Preempted); a second one raises KeyboardInterrupt (Interrupted) at once, never ending
+    the process. The caller's signal handlers are back when fit returns."""
+    from fmnist_jax import input_pipeline
+
+    original = input_pipeline.DeviceResident.train_epoch
+
+    def train_epoch(self, *args, **kwargs):
+        for i, out in enumerate(original(self, *args, **kwargs)):
+            if i == 1:  # the second dispatch of the first epoch
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.05)  # the handler runs
+            yield out
+
+    monkeypatch.setattr(input_pipeline.DeviceResident, "train_epoch", train_epoch)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as e:
+        fit(Config(epochs=2, **TINY), data=tiny_dataset(), workdir=str(tmp_path))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    if signals == 1:
+        assert isinstance(e.value, train.Preempted) and e.value.exit_code == 130
+        assert Checkpoints(tmp_path).steps() == [10]  # the boundary after the signal
+    else:
+        assert isinstance(e.value, Interrupted) and e.value.during_training
+        assert Checkpoints(tmp_path).steps() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,93 @@ def test_notebook_stops_clearly_without_an_accelerator(tmp_path):
              f'ALLOW_CPU = False\n', tmp_path)
     assert "This runtime has no TPU: JAX fell back to the CPU" in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("FMNIST_TEST_COLAB_INSTALL"),
+                    reason="installs a runtime from the registry: `make test-newest` runs it")
+def test_notebook_installs_itself_as_on_colab(tmp_path, monkeypatch):
+    """The notebook as a Colab user runs it: a kernel whose environment has this jax and
+    jaxlib but not fmnist_jax, and an install cell that installs this repository (its
+    committed HEAD) from its git URL, keeping that jax and jaxlib."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    runtime, kernels = tmp_path / "runtime", tmp_path / "jupyter"
+    subprocess.run([sys.executable, "-m", "venv", str(runtime)], check=True)
+    python = str(runtime / "bin" / "python")
+    keep = [f"{name}=={importlib.metadata.version(name)}" for name in ("jax", "jaxlib")]
+    subprocess.run([python, "-m", "pip", "install", "-q", *keep, "ipykernel"], check=True)
+    subprocess.run([python, "-m", "ipykernel", "install", "--prefix", str(kernels),
+                    "--name", "colab-runtime"], check=True, capture_output=True)
+    monkeypatch.setenv("JUPYTER_PATH", str(kernels / "share" / "jupyter"))
+    data = tmp_path / "data"
+    files = write_idx_set(data, n_train=7000, n_test=1000)
+    (data / "spec.json").write_text(json.dumps([dataclasses.asdict(f) for f in files.all()]))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = (f'REPO_URL = "file://{NOTEBOOK.parents[1]}"\nMODEL = "mlp"\nEPOCHS = 1\n'
+                   f'BATCH_SIZE = 256\nLEARNING_RATE = 3e-3\nDTYPE = ""\n'
+                   f'WORKDIR = "{tmp_path}/run"\nALLOW_CPU = True\n')
+    install = nb.cells.index(next(c for c in nb.cells if "pip" in c.source))
+    nb.cells.insert(install + 1, nbformat.v4.new_code_cell(  # the generated data set
+        f'import sys; sys.path.insert(0, "{Path(__file__).parent}")\n'
+        f'import synthetic; synthetic.use("{data}")'))
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="colab-runtime",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+    for name, version in (k.split("==") for k in keep):
+        assert f"{name} {version}\n" in texts, texts  # the runtime's own, kept
+    assert "fmnist_jax 0.1.0" in texts, texts
+    installed = subprocess.run([python, "-m", "pip", "show", "fmnist_jax"], check=True,
+                               capture_output=True, text=True).stdout
+    assert "site-packages" in installed  # installed from the git URL, not this checkout
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_interrupting_fit_in_a_kernel_raises_keyboard_interrupt_and_the_kernel_lives(
+        tmp_path):
+    """A real Jupyter kernel: fit interrupted once (a checkpoint, then KeyboardInterrupt),
+    and again interrupted twice; each time the cell ends with a KeyboardInterrupt, the
+    kernel lives on, and the next cell runs with the kernel's own SIGINT handler."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+
+    def run(code: str, interrupts: int = 0, timeout: float = 300) -> tuple[dict, str]:
+        msg_id, text, sent = kc.execute(code), "", 0
+        while True:
+            msg = kc.get_iopub_msg(timeout=timeout)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            text += msg["content"].get("text", "")
+            if sent < interrupts and ("epoch   2/" in text if sent == 0 else
+                                      "SIGINT: saving a checkpoint" in text):
+                km.interrupt_kernel()
+                sent += 1
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return kc.get_shell_msg(timeout=timeout)["content"], text
+
+    try:
+        reply, _ = run(f'import sys, signal; sys.path.insert(0, "{Path(__file__).parent}")\n'
+                       "from conftest import tiny_dataset\n"
+                       "from fmnist_jax import Config, fit\n"
+                       "handler = signal.getsignal(signal.SIGINT)")
+        assert reply["status"] == "ok", reply
+        for interrupts in (1, 2):
+            reply, text = run(
+                'fit(Config(model="mlp", epochs=500, batch_size=32, steps_per_dispatch=1, '
+                f'progress=False), data=tiny_dataset(), workdir="{tmp_path}/w{interrupts}")',
+                interrupts)
+            assert reply["status"] == "error", text
+            assert reply["ename"] in ("Preempted", "Interrupted"), reply
+            if interrupts == 1:
+                assert reply["ename"] == "Preempted" and "checkpoint saved in" in \
+                    reply["evalue"], reply
+            reply, text = run("print(signal.getsignal(signal.SIGINT) is handler, 6 * 7)")
+            assert reply["status"] == "ok" and "True 42" in text, (reply, text)
+        assert km.is_alive()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
