@@ -12,6 +12,7 @@ half-written one. ``metrics.jsonl`` gets one JSON object per epoch, flushed as i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,15 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"--workdir={workdir} is not writable; choose another directory")
     return path
+
+
+def remove_if_unused(path: Path) -> None:
+    """Removes the workdir ``path`` if it holds nothing but the run's lock: a run that
+    failed before writing anything leaves no empty folder behind."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in path.iterdir()} <= {".lock"}:
+            (path / ".lock").unlink(missing_ok=True)
+            path.rmdir()
 
 
 class JsonlWriter:

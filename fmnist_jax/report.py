@@ -71,9 +71,12 @@ class Reporter:
         log(line + (f"; writing to {self.out}" if self.out else ""))
         self.steps_per_epoch = steps_per_epoch
 
-    def open(self, history: list[dict], custom: dict) -> None:
-        """Writes config.json and the history so far; opens the metric files."""
+    def open(self, progress, custom: dict) -> None:
+        """Writes config.json and the history so far; opens the metric files; starts the
+        first epoch's progress bar."""
         self.timings["training_starts_s"] = process_age()
+        self._begin_epoch(progress)
+        history = progress.history
         if self.out is None:
             return
         files.write_json(self.out / "config.json",
@@ -90,7 +93,7 @@ class Reporter:
                 self.prefetch = plots.prefetch()
         progress = event.progress
         if self.bar is None:
-            self.bar = _bar(self.config, progress.epoch, self.steps_per_epoch)
+            self._begin_epoch(progress)
         self.bar.update(progress.step_in_epoch - self.bar.n)
         scores = {k: float(v) for k, v in progress.metrics.compute().items()}
         self.bar.set_postfix(loss=f"{scores['loss']:.4f}", acc=f"{scores['accuracy']:.4f}")
@@ -104,6 +107,8 @@ class Reporter:
         for writer in self.writers:
             writer.write(record)
         log(_epoch_line(record, self.config.epochs))
+        if event.progress.epoch <= self.config.epochs and not event.progress.stopped_early:
+            self._begin_epoch(event.progress)  # its clock starts now, with its first step
         if event.progress.stopped_early:
             log(f"early stopping: no {self.config.monitor} improvement for "
                 f"{self.config.patience} epochs; the run's model is epoch "
@@ -127,6 +132,13 @@ class Reporter:
                                           probabilities, CLASS_NAMES, summary["model"])
             log(f"plots: {', '.join(str(self.out / n) for n in names)}")
 
+    def _begin_epoch(self, progress) -> None:
+        """The progress bar of the epoch about to train: its rate counts the steps done
+        since now, so the first update is not a dispatch that took no time."""
+        if self.bar is None and progress.epoch <= self.config.epochs:
+            self.bar = _bar(self.config, progress.epoch, self.steps_per_epoch,
+                            progress.step_in_epoch)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -144,11 +156,11 @@ class Reporter:
             self.prefetch.join(timeout=10)
 
 
-def _bar(config: Config, epoch: int, steps_per_epoch: int):
+def _bar(config: Config, epoch: int, steps_per_epoch: int, done: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
-                leave=False,
+    return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{config.epochs}",
+                unit="step", leave=False,
                 disable=not (config.progress and parallel.is_main_process()),
                 file=sys.stderr)
 

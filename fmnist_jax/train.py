@@ -46,7 +46,7 @@ from fmnist_jax.inference import Classifier
 from fmnist_jax.kernels import unroll_threefry_on_cpu
 from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, StopSignal,
                              Trainer, evaluate)
-from fmnist_jax.metrics import prepare_workdir
+from fmnist_jax.metrics import prepare_workdir, remove_if_unused
 from fmnist_jax.report import Reporter, log, process_age
 from fmnist_jax.steps import LossFn, Steps, TrainState, inference_variables
 
@@ -104,8 +104,9 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     with _jax_settings(config), quiet_orbax(), StopSignal() as stop:
         devices = parallel.setup(config.distributed)
         config = config.for_backend(jax.default_backend())
+        created = bool(workdir) and not Path(workdir).expanduser().exists()
         out = prepare_workdir(workdir) if workdir else None
-        with WorkdirLock.held(out):
+        with _removed_if_unused(out if created else None), WorkdirLock.held(out):
             built = build(config, devices, model=model, optimizer=optimizer,
                           loss_fn=loss_fn, data=data)
             reporter = Reporter(out, config)
@@ -113,7 +114,7 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
             try:
                 reporter.start(built.describe(config, devices), built.pipeline.steps_per_epoch)
                 state, progress = _resume(checkpointer, built.state, config)
-                reporter.open(progress.history, built.custom)
+                reporter.open(progress, built.custom)
                 hooks = [h for h in (checkpointer, reporter, _StopCheck(out, built, stop)) if h]
                 trainer = Trainer(built, config, hooks, stop, started,
                                   keep_best=bool(config.patience) and checkpointer is None)
@@ -131,6 +132,18 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     if isinstance(model, nnx.Module):  # the caller's module gets the run's model
         adapt.give_back(model, result.variables)
     return result
+
+
+@contextlib.contextmanager
+def _removed_if_unused(created: Path | None):
+    """A workdir this run created is removed again if the run fails before writing to it
+    (data not found, a bad model): no empty run folder is left behind."""
+    try:
+        yield
+    except BaseException:
+        if created is not None and parallel.is_main_process():
+            remove_if_unused(created)
+        raise
 
 
 @contextlib.contextmanager

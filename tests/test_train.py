@@ -252,3 +252,39 @@ def test_tensorboard_events_hold_every_epoch(tmp_path):
         assert scalars[("accuracy/val", r["epoch"])] == pytest.approx(r["val_accuracy"],
                                                                       rel=1e-6)
         assert ("run/learning_rate", r["epoch"]) in scalars
+
+
+def test_progress_rates_count_only_steps_done(monkeypatch, capsys):
+    """The progress bar starts with its epoch: every dispatch here takes at least 0.3 s for
+    4 steps, so no rate it shows can pass 4 / 0.3 steps a second (the first update of each
+    epoch showed hundreds of thousands, the bar created after the dispatch had run)."""
+    import re
+    import time
+
+    from fmnist_jax import input_pipeline
+
+    original = input_pipeline.DeviceResident.train_epoch
+
+    def slow(self, *args, **kwargs):
+        for out in original(self, *args, **kwargs):
+            time.sleep(0.3)
+            yield out
+
+    monkeypatch.setattr(input_pipeline.DeviceResident, "train_epoch", slow)
+    fit(Config(model="mlp", epochs=2, batch_size=64,
+               **{**QUICK, "progress": True, "steps_per_dispatch": 4}), data=tiny_dataset())
+    rates = [float(r) for r in re.findall(r"([0-9.]+)step/s", capsys.readouterr().err)]
+    assert rates and max(rates) < 4 / 0.3, rates
+
+
+def test_a_run_that_fails_before_training_leaves_no_workdir(tmp_path):
+    """Data not found: the workdir this run created is gone again; one that was there
+    stays."""
+    config = Config(model="mlp", data_dir=str(tmp_path / "nowhere"), **QUICK)
+    with pytest.raises(UserError, match="does not exist"):
+        fit(config, workdir=str(tmp_path / "runs" / "new"))
+    assert not (tmp_path / "runs" / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="does not exist"):
+        fit(config, workdir=str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir()
