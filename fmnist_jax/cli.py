@@ -8,7 +8,6 @@ flag or value ends the program with one line naming it and exit status 2.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import logging
 import os
@@ -25,45 +24,12 @@ def quiet_library_logs() -> None:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
-def exit_now(code: int) -> typing.NoReturn:
-    """Ends a command-line tool's process with ``code`` once its work is done and its files
-    are closed: the exit hooks run (``atexit``: logging, JAX's), Python's teardown of every
-    module and object does not. That teardown (JAX's CPU client among them) took 0.7 s after
-    every training run on 2 CPU cores, 6% of a 10-epoch seed-MLP run. A failure (``code``
-    not 0), a run of several processes (``jax.distributed``), a process under a profiler,
-    tracer or coverage tool (which report at exit), or a Python without
-    ``atexit._run_exitfuncs`` exits the usual way."""
-    jax = sys.modules.get("jax")
-    run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
-    if (code != 0 or run_exit_hooks is None or _observed()
-            or (jax is not None and jax.process_count() > 1)):
-        sys.exit(code)
-    run_exit_hooks()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
-    os._exit(code)
-
-
 def output_pipe_closed() -> int:
     """After a ``BrokenPipeError`` on stdout (``fmnist-predict ... | head``): stdout goes to
     ``/dev/null``, so that nothing fails again at exit, and the exit status is the one of a
     Unix tool stopped by SIGPIPE (141)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 128 + signal.SIGPIPE
-
-
-def _observed() -> bool:
-    """Whether a profiler, tracer or coverage tool watches this process (``cProfile``,
-    ``trace``, ``coverage``: ``sys.setprofile``/``settrace``, or ``sys.monitoring`` on
-    Python 3.12+)."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        return True
-    monitoring = getattr(sys, "monitoring", None)
-    return monitoring is not None and any(monitoring.get_tool(i) is not None
-                                          for i in range(6))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,7 +27,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -274,78 +273,19 @@ def use_fast_convolutions(model: nnx.Module) -> int:
     return changed
 
 
-# ------------------------------------------------------------------ random bits, CPU flags
-
-def _threefry2x32(key1, key2, x1, x2):
-    """The Threefry-2x32 hash (Salmon et al., 2011: 20 rounds, a key injection every 4),
-    written out round by round: the function behind ``jax.random``'s default keys."""
-    rotate = lambda v, d: jax.lax.shift_left(v, d) | jax.lax.shift_right_logical(  # noqa
-        v, np.uint32(32 - d))
-    rotations = (np.uint32([13, 15, 26, 6]), np.uint32([17, 29, 16, 24]))
-    keys = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
-    x = [x1 + keys[0], x2 + keys[1]]
-    for group in range(5):
-        for r in rotations[group % 2]:
-            x[0] = x[0] + x[1]
-            x[1] = x[0] ^ rotate(x[1], r)
-        x = [x[0] + keys[(group + 1) % 3], x[1] + keys[(group + 2) % 3] + np.uint32(group + 1)]
-    return x
-
-
-def unroll_threefry_on_cpu() -> bool:
-    """Compiles ``jax.random``'s Threefry hash for the CPU as straight-line code instead of
-    JAX's loop of 5 rounds (public API: ``jax.extend.random.threefry2x32_p`` and
-    ``jax.interpreters.mlir``); the bits are the same. XLA:CPU runs each round of the loop
-    as separate kernels: the seed MLP's step, whose dropout draws a mask per layer, took
-    0.233 ms with the loop and 0.197 ms unrolled on 2 cores.
-
-    A change of JAX's process-wide lowering table, so it is never done on import: the
-    command-line tools call it; a program of yours may. First it checks that this hash
-    gives JAX's bits for a sample; if not (or the API moved), it changes nothing and
-    returns False.
-    """
-    try:
-        from jax.extend.random import threefry2x32_p
-        from jax.interpreters import mlir
-
-        args = [jnp.asarray(np.random.default_rng(0).integers(0, 2**32, 64, np.uint32))
-                for _ in range(4)]
-        expected = jax.jit(threefry2x32_p.bind)(*args)
-        got = jax.jit(_threefry2x32)(*args)
-        if not all(np.array_equal(a, b) for a, b in zip(expected, got)):
-            return False
-        mlir.register_lowering(threefry2x32_p, mlir.lower_fun(_threefry2x32), platform="cpu")
-    except Exception:  # noqa: BLE001 - any change upstream: keep JAX's own rule
-        return False
-    return True
-
+# -------------------------------------------------------------------- compiler options
 
 def cpu_compiler_options() -> dict[str, str]:
-    """XLA options for our CPU programs, passed to ``jax.jit`` (never through XLA_FLAGS):
-
-    - ``jax.checkpoint``'s optimization barriers are kept (the ``cse_barrier_expander``
-      pass is off): XLA:CPU removes them early by default, and common-subexpression
-      elimination then merges the recomputed forward pass with the first one, so that
-      rematerialisation (:func:`remat_on_cpu`) saves nothing. A program without barriers
-      compiles as before.
-    - 512-bit vectors on a CPU with AVX-512 (XLA prefers 256 by default). Measured on this
-      project's 2-core machines: the seed MLP's step 5% faster and the CNN's 2% on one
-      Xeon; on another (2026-11-23) 0.567 against 0.570 ms per seed-MLP step, within noise.
-    """
+    """XLA options for our CPU programs, passed to ``jax.jit`` (per program, never through
+    XLA_FLAGS): ``jax.checkpoint``'s optimization barriers are kept (the
+    ``cse_barrier_expander`` pass is off). XLA:CPU removes them early by default, and
+    common-subexpression elimination then merges the recomputed forward pass with the first
+    one, so that rematerialisation (:func:`remat_on_cpu`) saves nothing: the ResNet's
+    training step needs 552 instead of 977 MiB of temporaries with it. A program without
+    barriers compiles as before."""
     if jax.default_backend() != "cpu":
         return {}
-    options = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    if _cpu_has("avx512f"):
-        options["xla_cpu_prefer_vector_width"] = "512"
-    return options
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:  # not Linux: leave XLA's defaults
-        return False
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 # ---------------------------------------------------------------------- rematerialisation

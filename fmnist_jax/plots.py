@@ -6,10 +6,7 @@ chosen or switched (a notebook's stays as it was) and no window opens.
 
 from __future__ import annotations
 
-import io
 import os
-import sys
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,31 +17,6 @@ def figure(**kwargs):
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
-
-
-def prefetch() -> threading.Thread:
-    """Imports matplotlib and draws a tiny figure (loading its font and PNG writer) in a
-    daemon thread of the lowest CPU priority, started while the run trains: the plots at
-    the end then only draw. On 2 CPU cores the import and first use took 0.9 s after the
-    test line; at the lowest priority the thread runs on cycles training leaves idle.
-    ``join()`` it before drawing."""
-    thread = threading.Thread(target=_warm_up, name="fmnist_jax-plots-prefetch", daemon=True)
-    thread.start()
-    return thread
-
-
-def _warm_up() -> None:
-    if sys.platform.startswith("linux"):  # a Linux thread has its own nice value
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-    try:
-        fig = figure(figsize=(1, 1), dpi=20)
-        fig.subplots().set_title("x")
-        fig.savefig(io.BytesIO(), format="png")
-    except Exception:  # noqa: BLE001 - the plots themselves will report any real problem
-        pass
 
 
 def _margins(fig, left: float, right: float, bottom: float, top: float, **spacing) -> None:

@@ -64,7 +64,6 @@ class Reporter:
         self.bar = None
         self.timings = {"training_starts_s": None}
         self.throughput: list[float] = []  # images/s of each epoch of this process
-        self.prefetch = None  # the thread importing matplotlib while the run trains
 
     def start(self, line: str, steps_per_epoch: int) -> None:
         """Prints the start-up line."""
@@ -89,8 +88,6 @@ class Reporter:
     def after_dispatch(self, event) -> None:
         if "first_dispatch_done_s" not in self.timings:
             self.timings["first_dispatch_done_s"] = process_age()
-            if self.out is not None and self.config.plots:  # the device trains; the host idles
-                self.prefetch = plots.prefetch()
         progress = event.progress
         if self.bar is None:
             self._begin_epoch(progress)
@@ -124,8 +121,6 @@ class Reporter:
             return
         files.write_json(self.out / "summary.json", summary)
         if self.config.plots and history:
-            if self.prefetch is not None:
-                self.prefetch.join()
             probabilities = np.exp(logits - logits.max(-1, keepdims=True))
             probabilities /= probabilities.sum(-1, keepdims=True)
             names = plots.write_run_plots(self.out, history, test.images, test.labels,
@@ -147,13 +142,8 @@ class Reporter:
         self.writers = []
 
     def abandon(self) -> None:
-        """Closes, and waits for the plots' warm-up thread: a run that stops early (a signal,
-        an error) may end its process while the thread is inside matplotlib, and Python's
-        teardown then aborted the process (SIGABRT, "terminate called without an active
-        exception") in 2 of 8 SIGTERM'd runs on a loaded 2-core machine."""
+        """Closes what is open, after a run that stopped early (a signal, an error)."""
         self.close()
-        if self.prefetch is not None:
-            self.prefetch.join(timeout=10)
 
 
 def _bar(config: Config, epoch: int, steps_per_epoch: int, done: int = 0):

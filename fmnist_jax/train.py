@@ -19,7 +19,6 @@ process's signal handlers when it returns.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import resource
@@ -38,17 +37,17 @@ from flax import nnx
 from fmnist_jax import adapt, parallel
 from fmnist_jax.build import Built, build
 from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
-from fmnist_jax.cli import exit_now, output_pipe_closed, parse_config, quiet_library_logs
+from fmnist_jax.cli import output_pipe_closed, parse_config, quiet_library_logs
 from fmnist_jax.config import Config
-from fmnist_jax.data import Dataset, cache_dir
+from fmnist_jax.data import Dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import Classifier
-from fmnist_jax.kernels import unroll_threefry_on_cpu
 from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, StopSignal,
                              Trainer, evaluate)
 from fmnist_jax.metrics import prepare_workdir, remove_if_unused
 from fmnist_jax.report import Reporter, log, process_age
 from fmnist_jax.steps import LossFn, Steps, TrainState, inference_variables
+from fmnist_jax.tuning import enable_compilation_cache, exit_now, tune_command_line
 
 __all__ = ["Interrupted", "Preempted", "Result", "enable_compilation_cache", "fit", "main",
            "train_and_evaluate"]
@@ -148,47 +147,13 @@ def _removed_if_unused(created: Path | None):
 
 @contextlib.contextmanager
 def _jax_settings(config: Config):
-    """JAX's NaN checks for the run (``--debug_nans``), restored afterwards; and, for the
-    run, the memory XLA's compiler freed handed back after each long compilation."""
+    """JAX's NaN checks for the run (``--debug_nans``), restored afterwards."""
     saved = jax.config.jax_debug_nans
     jax.config.update("jax_debug_nans", saved or config.debug_nans)
-    jax.monitoring.register_event_duration_secs_listener(_trim_after_compiling)
     try:
         yield
     finally:
-        jax.monitoring.unregister_event_duration_listener(_trim_after_compiling)
         jax.config.update("jax_debug_nans", saved)
-
-
-def _trim_after_compiling(event: str, seconds: float, **_) -> None:
-    """After an XLA compilation of a second or more (JAX's monitoring event), before the
-    program runs: glibc's ``malloc_trim`` gives the heap's free pages back to the system.
-    XLA:CPU's compiler frees most of what it allocates, but glibc keeps it resident: ~350
-    MB after the ResNet's training step, under the buffers its run then allocates. Peak
-    RSS of 20-step runs on 2 cores: resnet 1,472-1,480 MB without the trim, 1,158-1,170
-    with it; cnn 712 -> 605, cnn_seed 715 -> 651. Each trim takes 10-60 ms; without glibc
-    (macOS, musl) nothing happens."""
-    if event == "/jax/core/compile/backend_compile_duration" and seconds >= 1.0:
-        trim = getattr(_libc(), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL(None)  # the process's own symbols
-    except (OSError, TypeError):  # Windows
-        return None
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache in ``$XDG_CACHE_HOME/fmnist_jax/jax``: a second
-    run of the same programs skips XLA's compilation. A process-wide setting: the
-    command line turns it on (``--compilation_cache``); ``fit`` leaves JAX's as it is."""
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no minimum
 
 
 def _checkpointer(out: Path | None, config: Config, started: float) -> Checkpointer | None:
@@ -369,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         parallel.join(config.distributed)  # before anything computes
-        if config.compilation_cache:  # first: the check below compiles two programs
-            enable_compilation_cache()
-        unroll_threefry_on_cpu()  # the command owns its process: JAX's CPU lowering
+        tune_command_line(config.compilation_cache)  # the command owns its process
         workdir = config.workdir or default_workdir(config)
         train_and_evaluate(config, workdir)
     except Preempted as e:
@@ -412,7 +375,7 @@ def _with_workdir(argv: list[str], e: Preempted) -> list[str]:
 
 def command() -> None:
     """``fmnist-train`` and ``python -m fmnist_jax.train``: :func:`main`, then the process
-    ends at once (:func:`fmnist_jax.cli.exit_now`)."""
+    ends at once (:func:`fmnist_jax.tuning.exit_now`)."""
     exit_now(main())
 
 

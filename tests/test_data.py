@@ -233,31 +233,3 @@ def test_download_with_wrong_checksum_leaves_nothing(places, tmp_path, monkeypat
     finally:
         server.close()
     assert list(places["cache"].iterdir()) == []
-
-
-def test_gzipped_payload_is_decompressed_once(tmp_path, monkeypatch):
-    import hashlib
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    payload = idx_bytes(LABELS)
-    spec = _spec(sha=hashlib.sha256(payload).hexdigest())
-    path = _write(tmp_path, payload)
-    np.testing.assert_array_equal(read_idx(path, spec), LABELS)
-    copy = data.unpacked_copy(path, spec)
-    assert copy.read_bytes() == payload and copy.parent == tmp_path / "cache/fmnist_jax/unpacked"
-    decompress = gzip.decompress
-    calls = []
-    monkeypatch.setattr(gzip, "decompress", lambda raw: calls.append(1) or decompress(raw))
-    np.testing.assert_array_equal(read_idx(path, spec), LABELS)
-    assert calls == []  # the copy, checked by the same digest
-    copy.write_bytes(payload[:-1] + b"\x00")  # a damaged copy: the file is read again
-    np.testing.assert_array_equal(read_idx(path, spec), LABELS)
-    assert calls == [1] and copy.read_bytes() == payload
-    os.utime(path, ns=(0, 0))  # the file changed: read again, and only its new copy kept
-    np.testing.assert_array_equal(read_idx(path, spec), LABELS)
-    assert calls == [1, 1] and list(copy.parent.iterdir()) == [data.unpacked_copy(path, spec)]
-    path.write_bytes(gzip.compress(payload[:-1] + b"\x07"))  # a corrupt file is still found
-    with pytest.raises(UserError, match="fails its checksum"):
-        read_idx(path, spec)
-    plain = _write(tmp_path, payload, gz=False)  # nothing to gain for an uncompressed file
-    read_idx(plain, spec)
-    assert not data.unpacked_copy(plain, spec).exists()
