@@ -59,18 +59,21 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
 
 
 def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike,
-                         title: str = "") -> None:
-    """Loss and accuracy per epoch, training and validation."""
+                         title: str = "", train_loss: str = "train") -> None:
+    """Loss and accuracy per epoch, training and validation. ``train_loss`` names the
+    training curve of the loss: the training objective (label-smoothed, say), where the
+    validation curve is the plain cross-entropy."""
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig = figure(figsize=(11, 4), dpi=100)
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-",
+                label=train_loss if metric == "loss" else "train")
         if any(f"val_{metric}" in r for r in history):
             ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-",
-                    label="validation")
+                    label="validation (cross-entropy)" if metric == "loss" else "validation")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
@@ -137,16 +140,18 @@ def plot_most_confused(matrix: np.ndarray, class_names: Sequence[str],
 
 def write_run_plots(directory: str | os.PathLike, history: Sequence[dict],
                     images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                    class_names: Sequence[str], title: str = "") -> list[str]:
+                    class_names: Sequence[str], title: str = "",
+                    train_loss: str = "train") -> list[str]:
     """All the pictures of a finished run, from its history and its predictions on the test
-    split (the grid shows the first 30 test images); returns the file names written."""
+    split (the grid shows the first 30 test images); returns the file names written.
+    ``train_loss``: the label of the training loss curve (:func:`plot_learning_curves`)."""
     from pathlib import Path
 
     directory = Path(directory)
     matrix = confusion_matrix(labels, probabilities.argmax(-1), len(class_names))
     accuracy = float(np.trace(matrix) / matrix.sum())
     files = {
-        "learning_curves.png": lambda p: plot_learning_curves(history, p, title),
+        "learning_curves.png": lambda p: plot_learning_curves(history, p, title, train_loss),
         "confusion_matrix.png": lambda p: plot_confusion_matrix(
             matrix, class_names, p, f"{title}: test accuracy {100 * accuracy:.2f}%"),
         "predictions.png": lambda p: plot_predictions(images[:30], labels[:30],

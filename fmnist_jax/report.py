@@ -124,7 +124,8 @@ class Reporter:
             probabilities = np.exp(logits - logits.max(-1, keepdims=True))
             probabilities /= probabilities.sum(-1, keepdims=True)
             names = plots.write_run_plots(self.out, history, test.images, test.labels,
-                                          probabilities, CLASS_NAMES, summary["model"])
+                                          probabilities, CLASS_NAMES, summary["model"],
+                                          train_loss_label(self.config, summary["loss"]))
             log(f"plots: {', '.join(str(self.out / n) for n in names)}")
 
     def _begin_epoch(self, progress) -> None:
@@ -144,6 +145,17 @@ class Reporter:
     def abandon(self) -> None:
         """Closes what is open, after a run that stopped early (a signal, an error)."""
         self.close()
+
+
+def train_loss_label(config: Config, loss: str) -> str:
+    """What the training loss of ``metrics.jsonl`` is, in words: the objective trained on,
+    which is not the validation's plain cross-entropy with label smoothing or a custom
+    loss."""
+    if loss == "custom":
+        return "train objective (custom loss)"
+    if config.label_smoothing:
+        return f"train objective (label smoothing {config.label_smoothing:g})"
+    return "train (cross-entropy)"
 
 
 def _bar(config: Config, epoch: int, steps_per_epoch: int, done: int = 0):

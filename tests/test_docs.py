@@ -102,3 +102,34 @@ def test_readme_library_models_train_to_their_accuracies(real_data_dir, monkeypa
     logits = tutorial(normalize(test.images[:500]))
     np.testing.assert_allclose(logits, results["tutorial_cnn"].classifier.logits(
         test.images[:500]), rtol=1e-4, atol=1e-4)
+
+
+def _quick_start_lines() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    body = text.split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+            for line in block.splitlines() if line.strip()]
+
+
+def test_quick_start_commands_run(synthetic_dir, tmp_path):
+    """Every training command of the README's quick start (`make train` is the command its
+    comment names) runs as written, for one epoch on the generated data set; the set-up
+    lines are the Makefile's and pip's. A new line there needs a case here."""
+    from conftest import SYNTHETIC_VAL, run_synthetic
+
+    setup = {"make test", "make test-newest",
+             "python -m venv .venv && .venv/bin/pip install -e ."}
+    commands = []
+    for line in _quick_start_lines():
+        if "fmnist_jax.train" in line:
+            commands.append(line.split("fmnist_jax.train", 1)[1].split("#")[0].split())
+        else:
+            assert line.split("#")[0].strip() in setup, line
+    assert len(commands) == 4, commands
+    for i, args in enumerate(commands):
+        workdir = tmp_path / f"run{i}"
+        done = run_synthetic(synthetic_dir, "fmnist_jax.train", *args, "--epochs=1",
+                             f"--validation_size={SYNTHETIC_VAL}", "--noprogress",
+                             "--plots=false", f"--workdir={workdir}")
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        assert "test: loss" in done.stdout and (workdir / "summary.json").is_file(), args

@@ -43,3 +43,22 @@ def test_confusion_counts_and_most_confused_pairs():
                                                       ("b", "a", 1)]
     with pytest.raises(IndexError):
         confusion_matrix(np.array([3]), np.array([0]), 3)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, "train objective (label smoothing 0.1)"),
+    ({"label_smoothing": 0.0}, "train (cross-entropy)"),
+])
+def test_learning_curves_say_what_the_training_loss_is(changes, expected, monkeypatch,
+                                                       tmp_path):
+    """With label smoothing the training curve is the smoothed objective, the validation
+    curve the plain cross-entropy: the legend says so."""
+    from fmnist_jax import plots
+
+    labels = []
+    original = plots.plot_learning_curves
+    monkeypatch.setattr(plots, "plot_learning_curves",
+                        lambda *a: labels.append(a[3]) or original(*a))
+    fit(Config(model="mlp", epochs=1, progress=False, **changes), data=tiny_dataset(),
+        workdir=str(tmp_path))
+    assert labels == [expected]
