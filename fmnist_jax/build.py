@@ -19,7 +19,7 @@ from fmnist_jax.augment import Augment
 from fmnist_jax.config import Config
 from fmnist_jax.data import Dataset, load_dataset
 from fmnist_jax.errors import UserError
-from fmnist_jax.input_pipeline import DeviceResident, load_tfds
+from fmnist_jax.input_pipeline import DeviceResident, Pipeline, load_tfds
 from fmnist_jax.models import create_model
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.parallel import Devices
@@ -31,7 +31,7 @@ from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, mak
 class Built:
     """The fixed parts of a run."""
 
-    pipeline: object  # DeviceResident or Streamed
+    pipeline: Pipeline  # DeviceResident or Streamed
     graphdef: nnx.GraphDef
     state: TrainState  # the initial state, on every device
     steps: Steps
@@ -89,7 +89,8 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
                  sum(x.size for x in jax.tree.leaves(state.params)))
 
 
-def make_pipeline(config: Config, data: Dataset | None, key: jax.Array, devices: Devices):
+def make_pipeline(config: Config, data: Dataset | None, key: jax.Array, devices: Devices
+                  ) -> Pipeline:
     """The run's data: ``data`` or the IDX files on the device, or tfds through Grain."""
     seed = [int(w) for w in np.asarray(jax.random.key_data(key)).ravel()]
     if config.data_source == "tfds" and data is None:

@@ -21,6 +21,7 @@ host, and ``split(name)`` its images and labels.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -29,6 +30,25 @@ from fmnist_jax.data import CLASS_NAMES, Split, find_files, load_arrays
 from fmnist_jax.errors import UserError
 from fmnist_jax.parallel import Devices, to_host
 from fmnist_jax.steps import Steps, TrainState
+
+
+class Pipeline(Protocol):
+    """What the training loop needs of a data pipeline; both below are one."""
+
+    steps_per_epoch: int
+    has_validation: bool
+
+    def train_epoch(self, state: TrainState, epoch: int, steps: Steps, start_step: int = 0
+                    ) -> Iterator[tuple[TrainState, dict, int]]:
+        """Yields ``(state, per-step metrics, steps run)`` after each dispatch of the epoch,
+        from ``start_step`` on."""
+
+    def evaluate(self, variables: dict, split: str, steps: Steps, monitor: bool = False
+                 ) -> np.ndarray:
+        """The logits of every image of ``split``, in its order, on the host."""
+
+    def split(self, name: str) -> Split:
+        """The images and labels of an evaluation split, on the host."""
 
 
 def batched(images: np.ndarray, batch_size: int) -> np.ndarray:

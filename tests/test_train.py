@@ -288,3 +288,16 @@ def test_a_run_that_fails_before_training_leaves_no_workdir(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         fit(config, workdir=str(tmp_path / "kept"))
     assert (tmp_path / "kept").is_dir()
+
+
+def test_both_pipelines_are_the_pipeline_protocol():
+    """The loop's one view of its data: each pipeline has the Protocol's methods with its
+    signature."""
+    import inspect
+
+    from fmnist_jax.input_pipeline import DeviceResident, Pipeline, Streamed
+
+    for name in ("train_epoch", "evaluate", "split"):
+        expected = inspect.signature(getattr(Pipeline, name))
+        for cls in (DeviceResident, Streamed):
+            assert inspect.signature(getattr(cls, name)) == expected, (cls, name)
