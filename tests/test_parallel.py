@@ -132,9 +132,9 @@ def test_two_hosts_on_the_tfds_path_read_their_own_rows_and_evaluate_as_one(tmp_
     """tfds's pipeline on 4 devices in an interleaved mesh order, as 2 processes x 2
     devices (each holding two runs of rows of every batch) and as 1 process: each process
     reads only its own rows of every batch, the two together every row once; the test
-    split's logits are the one process's exactly, each in its place, and so are the losses
-    of an epoch of training (the logits after it within 1e-5: the gradients' sum over two
-    processes rounds otherwise)."""
+    split's logits are the one process's exactly, each in its place; an epoch of training
+    gives the same losses, and logits after it, within float rounding (sums over two
+    processes round otherwise)."""
     pytest.importorskip("tensorflow_datasets")
     script = [sys.executable, str(Path(__file__).parent / "tfds_hosts_run.py")]
     base = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -161,8 +161,9 @@ def test_two_hosts_on_the_tfds_path_read_their_own_rows_and_evaluate_as_one(tmp_
     assert sorted(reads[0] + reads[1]) == sorted(single["train_reads"])
     for h in hosts:
         assert h["logits_before"] == single["logits_before"]
-        assert h["losses"] == single["losses"]
-        # After training, the gradients' sum over the processes (Gloo) rounds otherwise.
+        # Means over the global batch are sums over the processes (Gloo), which may round
+        # otherwise (jax 0.12 does; 0.10 gives the same bits); so then do the weights.
+        np.testing.assert_allclose(h["losses"], single["losses"], rtol=1e-6)
         np.testing.assert_allclose(h["logits_after"], single["logits_after"], atol=1e-5)
         assert len(h["test_reads"]) == 48  # its half of the 96 test records
 
