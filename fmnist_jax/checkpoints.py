@@ -31,17 +31,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmnist_jax import parallel
+from fmnist_jax.config import Config
 from fmnist_jax.errors import UserError
 from fmnist_jax.steps import TrainState
 
-# Config fields that may differ between a run and its resumption: they do not change what
-# is computed.
-RESUMABLE_CHANGES = frozenset({
-    "workdir", "data_dir", "progress", "plots", "tensorboard", "fresh", "debug_nans",
-    "compilation_cache", "checkpoint_every_steps", "keep_checkpoints", "distributed",
-    "test_every_epoch", "steps_per_dispatch", "eval_batch_size"})
-# Config fields that decide the shapes of the parameters.
-ARCHITECTURE = ("model", "hidden", "features", "dense", "batch_norm", "blocks")
+# Config fields that may differ between a run and its resumption (they do not change what
+# is computed), and those that decide the shapes of the parameters: from their metadata.
+RESUMABLE_CHANGES = frozenset(Config.fields_marked("resumable"))
+ARCHITECTURE = Config.fields_marked("architecture")
 
 
 def _is_key(x) -> bool:

@@ -36,8 +36,14 @@ def monitor_sign(monitor: str) -> float:
     return -1.0 if monitor == "val_loss" else 1.0
 
 
-def _f(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices=None, *, resumable: bool = False,
+       architecture: bool = False):
+    """A field: its default, ``--help`` text and choices; ``resumable``: a resumed run may
+    change it (it changes nothing that is computed); ``architecture``: it decides the
+    shapes of the parameters."""
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "resumable": resumable,
+                                            "architecture": architecture})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +51,19 @@ class Config:
     """A training run. Defaults: our CNN with Adam and a warm-up cosine schedule."""
 
     # What to train.
-    model: str = _f("cnn", "model to train", tuple(MODELS))
-    hidden: tuple[int, ...] = _f((300, 100), "mlp: hidden layer widths, comma-separated")
+    model: str = _f("cnn", "model to train", tuple(MODELS), architecture=True)
+    hidden: tuple[int, ...] = _f((300, 100), "mlp: hidden layer widths, comma-separated",
+                                 architecture=True)
     features: tuple[int, ...] = _f((32, 64, 128),
                                    "cnn: channels of each conv block; resnet: of each "
-                                   "stage (comma-separated)")
-    dense: int = _f(256, "cnn: width of the dense layer")
+                                   "stage (comma-separated)", architecture=True)
+    dense: int = _f(256, "cnn: width of the dense layer", architecture=True)
     dropout: float = _f(-1.0, "dropout rate; -1 keeps the model's default (mlp 0.2, cnn 0.1, "
                         "resnet 0)")
-    batch_norm: bool = _f(True, "cnn: batch normalisation after each convolution")
+    batch_norm: bool = _f(True, "cnn: batch normalisation after each convolution",
+                          architecture=True)
     blocks: int = _f(2, "resnet: residual blocks per stage (--features gives the stages' "
-                     "widths)")
+                     "widths)", architecture=True)
     # How to train it.
     optimizer: str = _f("adam", "optimizer", OPTIMIZERS)
     learning_rate: float = _f(5e-3, "peak learning rate")
@@ -96,46 +104,59 @@ class Config:
                                  "tensorflow-datasets, streamed from the host", DATA_SOURCES)
     data_dir: str = _f("", "directory with the four Fashion-MNIST .gz files (or the tfds "
                            "data dir); empty: $FMNIST_DATA_DIR, the cache, known copies, "
-                           "else download")
+                           "else download", resumable=True)
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
     eval_batch_size: int = _f(0, "images per evaluation step; 0: the backend's default "
                               "(BACKEND_DEFAULTS: " + ", ".join(
                                   f"{backend} {defaults['eval_batch_size']}"
-                                  for backend, defaults in BACKEND_DEFAULTS.items()) + ")")
+                                  for backend, defaults in BACKEND_DEFAULTS.items()) + ")",
+                              resumable=True)
     steps_per_dispatch: int = _f(0, "training steps run on the device per host call; 0: the "
                                  "divisor of the epoch's steps nearest to 100 (every "
-                                 "dispatch the same length: one compilation)")
+                                 "dispatch the same length: one compilation)",
+                                 resumable=True)
     # Devices.
     dtype: str = _f("float32", "computation dtype of our models' layers (Flax's dtype=): "
                                "bfloat16 convolutions and matmuls, with float32 parameters, "
                                "optimizer state and batch-norm statistics; a model of your "
                                "own sets its layers' dtype itself", DTYPES)
     distributed: bool = _f(False, "call jax.distributed.initialize() to train on several "
-                                  "hosts (automatic when JAX_COORDINATOR_ADDRESS is set)")
+                                  "hosts (automatic when JAX_COORDINATOR_ADDRESS is set)",
+                           resumable=True)
     # Output and checkpoints.
     workdir: str = _f("", "directory for checkpoints, config.json, metrics.jsonl and "
                           "summary.json; a workdir with checkpoints is resumed; empty: "
-                          "runs/<model>-<time>")
+                          "runs/<model>-<time>", resumable=True)
     fresh: bool = _f(False, "start over in a workdir that has checkpoints (the old ones "
-                            "are moved to <workdir>/previous-<time>/)")
+                            "are moved to <workdir>/previous-<time>/)", resumable=True)
     checkpoint_every_steps: int = _f(0, "also checkpoint every N optimizer steps (at the "
-                                        "next dispatch boundary); 0: only every epoch")
+                                        "next dispatch boundary); 0: only every epoch",
+                                     resumable=True)
     keep_checkpoints: int = _f(3, "checkpoints kept: the newest N, plus the best by "
-                                  "--monitor")
-    progress: bool = _f(True, "show a progress bar")
+                                  "--monitor", resumable=True)
+    progress: bool = _f(True, "show a progress bar", resumable=True)
     tensorboard: bool = _f(False, "also write the per-epoch metrics as TensorBoard events "
-                           "in WORKDIR/tensorboard (needs tensorboardX, not TensorFlow)")
+                           "in WORKDIR/tensorboard (needs tensorboardX, not TensorFlow)",
+                           resumable=True)
     compilation_cache: bool = _f(True, "fmnist-train: keep compiled programs in JAX's "
                                        "persistent cache ($XDG_CACHE_HOME/fmnist_jax/jax), "
                                        "so later runs start faster (fit() in Python leaves "
-                                       "JAX's setting alone: see enable_compilation_cache)")
+                                       "JAX's setting alone: see enable_compilation_cache)",
+                                 resumable=True)
     test_every_epoch: bool = _f(False, "also evaluate the test split after every epoch "
                                        "(for time-to-accuracy benchmarks; choose models "
-                                       "on validation, not on this)")
+                                       "on validation, not on this)", resumable=True)
     plots: bool = _f(True, "write learning curves, confusion matrix, a grid of test "
-                           "predictions and the most confused pairs as PNG into the workdir")
+                           "predictions and the most confused pairs as PNG into the workdir",
+                     resumable=True)
     debug_nans: bool = _f(False, "JAX's NaN checking: stop at the first operation that "
-                                 "makes a NaN, with its traceback (slow)")
+                                 "makes a NaN, with its traceback (slow)", resumable=True)
+
+    @classmethod
+    def fields_marked(cls, mark: str) -> tuple[str, ...]:
+        """The names of the fields whose metadata has ``mark`` (``resumable``,
+        ``architecture``), in their order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(mark))
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
