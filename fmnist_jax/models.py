@@ -202,16 +202,15 @@ def create_model(name: str, *, rngs: nnx.Rngs, hidden: Sequence[int] = (300, 100
     """Builds a named model; ``dropout=None`` keeps the model's own default; ``dtype`` is
     the computation's (parameters stay float32)."""
     dtype = None if dtype is None else jnp.dtype(dtype)
+    own = {} if dropout is None else {"dropout": dropout}  # else the class's default
     if name == "mlp":
-        return MLP(hidden, 0.2 if dropout is None else dropout, dtype=dtype, rngs=rngs)
+        return MLP(hidden, dtype=dtype, rngs=rngs, **own)
     if name == "cnn":
-        return CNN(features, dense, 0.1 if dropout is None else dropout, batch_norm,
-                   dtype=dtype, rngs=rngs)
+        return CNN(features, dense, batch_norm=batch_norm, dtype=dtype, rngs=rngs, **own)
     if name == "cnn_seed":
         return CNNSeed(dtype=dtype, rngs=rngs)
     if name == "resnet":
-        return ResNet(features, blocks, 0.0 if dropout is None else dropout, dtype=dtype,
-                      rngs=rngs)
+        return ResNet(features, blocks, dtype=dtype, rngs=rngs, **own)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
