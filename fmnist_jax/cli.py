@@ -54,6 +54,9 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def _parser_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(args) == 1:  # X | None
+        annotation = args[0]
     if annotation is bool:
         return _bool
     if typing.get_origin(annotation) is tuple:
@@ -62,6 +65,8 @@ def _parser_type(annotation):
 
 
 def _show(value) -> str:
+    if value is None:
+        return "unset"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return repr(value) if value == "" else str(value)

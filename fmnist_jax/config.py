@@ -28,6 +28,8 @@ BACKEND_DEFAULTS = {
     "tpu": {"eval_batch_size": 1000},
 }
 MONITORS = ("val_accuracy", "val_loss")
+# What earlier versions wrote for "unset" in config.json and checkpoints.
+_OLD_SENTINELS = {"dropout": -1.0, "eval_batch_size": 0, "steps_per_dispatch": 0}
 DTYPES = ("float32", "bfloat16")
 
 
@@ -58,8 +60,7 @@ class Config:
                                    "cnn: channels of each conv block; resnet: of each "
                                    "stage (comma-separated)", architecture=True)
     dense: int = _f(256, "cnn: width of the dense layer", architecture=True)
-    dropout: float = _f(-1.0, "dropout rate; -1 keeps the model's default (mlp 0.2, cnn 0.1, "
-                        "resnet 0)")
+    dropout: float | None = _f(None, "dropout rate; unset: the model's own default")
     batch_norm: bool = _f(True, "cnn: batch normalisation after each convolution",
                           architecture=True)
     blocks: int = _f(2, "resnet: residual blocks per stage (--features gives the stages' "
@@ -106,13 +107,14 @@ class Config:
                            "data dir); empty: $FMNIST_DATA_DIR, the cache, known copies, "
                            "else download", resumable=True)
     validation_size: int = _f(5000, "training images held out for validation (the first N)")
-    eval_batch_size: int = _f(0, "images per evaluation step; 0: the backend's default "
+    eval_batch_size: int | None = _f(None, "images per evaluation step; unset: the backend's "
+                                     "default "
                               "(BACKEND_DEFAULTS: " + ", ".join(
                                   f"{backend} {defaults['eval_batch_size']}"
                                   for backend, defaults in BACKEND_DEFAULTS.items()) + ")",
                               resumable=True)
-    steps_per_dispatch: int = _f(0, "training steps run on the device per host call; 0: the "
-                                 "divisor of the epoch's steps nearest to 100 (every "
+    steps_per_dispatch: int | None = _f(None, "training steps run on the device per host call; "
+                                        "unset: the divisor of the epoch's steps nearest to 100 (every "
                                  "dispatch the same length: one compilation)",
                                  resumable=True)
     # Devices.
@@ -162,15 +164,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def for_backend(self, backend: str) -> Config:
-        """This config with every 0 ("the backend's default") of :data:`BACKEND_DEFAULTS`
-        replaced by the value for ``backend`` (``cpu``, ``gpu``, ``tpu``)."""
+        """This config with every unset field of :data:`BACKEND_DEFAULTS` given the value
+        for ``backend`` (``cpu``, ``gpu``, ``tpu``): resolved in this one place."""
         defaults = BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS["gpu"])
         return self.replace(**{name: value for name, value in defaults.items()
-                               if getattr(self, name) == 0})
+                               if getattr(self, name) is None})
 
     def model_kwargs(self) -> dict:
         return dict(hidden=self.hidden, features=self.features, dense=self.dense,
-                    dropout=None if self.dropout < 0 else self.dropout,
+                    dropout=self.dropout,
                     batch_norm=self.batch_norm, blocks=self.blocks,
                     dtype=None if self.dtype == "float32" else self.dtype)
 
@@ -190,6 +192,9 @@ class Config:
         if unknown:
             raise UserError(f"unknown config field(s): {', '.join(unknown)}")
         fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        for name, unset in _OLD_SENTINELS.items():  # config.json of earlier versions
+            if fixed.get(name) == unset:
+                fixed[name] = None
         return cls(**fixed)
 
     def validate(self) -> Config:
@@ -203,8 +208,10 @@ class Config:
             (self.learning_rate > 0, "--learning_rate must be positive"),
             (self.epochs >= 0, "--epochs must be 0 or more"),
             (self.batch_size > 0, "--batch_size must be positive"),
-            (self.eval_batch_size >= 0, "--eval_batch_size must be 0 or more"),
-            (self.steps_per_dispatch >= 0, "--steps_per_dispatch must be 0 or more"),
+            (self.eval_batch_size is None or self.eval_batch_size > 0,
+             "--eval_batch_size must be positive"),
+            (self.steps_per_dispatch is None or self.steps_per_dispatch > 0,
+             "--steps_per_dispatch must be positive"),
             (self.validation_size >= 0, "--validation_size must be 0 or more"),
             (self.patience >= 0, "--patience must be 0 or more"),
             (self.patience == 0 or self.validation_size > 0,
@@ -213,7 +220,7 @@ class Config:
             (0 <= self.ema_decay < 1, "--ema_decay must be in [0, 1)"),
             (0 <= self.random_crop <= 14, "--random_crop must be 0 to 14 pixels"),
             (0 <= self.random_erasing <= 1, "--random_erasing must be in [0, 1]"),
-            (self.dropout < 0 or self.dropout < 1, "--dropout must be below 1"),
+            (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be 0 or more"),
             (self.clip_grad_norm >= 0, "--clip_grad_norm must be 0 or more"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
