@@ -276,10 +276,10 @@ PRESETS: dict[str, dict] = {
     # 2026-11-23), chosen on the 5,000 held-out images: our CNN with a 512-wide dense layer
     # and dropout 0.2 (688,586 parameters), random crop (2 px), label smoothing 0.1, 20
     # epochs, evaluated on the mean of 9 one-pixel translations of each image; then trained
-    # on all 60,000 training images (no validation split). Measured on 2 Xeon cores on
-    # 2026-11-23, before the max-pool gradient fix of 2026-12-05: 94.00, 93.97, 94.02% test
-    # (seeds 0-2, mean 93.997%) in 467-487 s from launch to exit; 13.86 PyTorch epochs in
-    # the benchmark.
+    # on all 60,000 training images (no validation split). Measured on 2 AMD EPYC cores on
+    # 2026-12-05, after the max-pool gradient fix: 94.18, 93.90, 94.00% test (seeds 0-2,
+    # mean 94.03%); before it (2 Xeon cores, 2026-11-23) 94.00, 93.97, 94.02%, 13.86
+    # PyTorch epochs from launch to exit.
     "best_cpu": dict(dense=512, dropout=0.2, learning_rate=3e-3, random_crop=2,
                      label_smoothing=0.1, epochs=20, tta_shift=True, validation_size=0),
     # The longer recipe (within 60 PyTorch epochs): cnn_wide with random crop (2 px), 45
