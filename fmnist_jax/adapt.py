@@ -101,9 +101,7 @@ class ModeArgument(nnx.Module):
         self.deterministic = False  # like a fresh NNX model: in training mode
 
     def __call__(self, x):
-        training = not self.deterministic
-        wanted = TRAIN_ARGUMENTS[self.argument]
-        return self.module(x, **{self.argument: training if wanted else not training})
+        return self.module(x, **_mode_kwargs(self.argument, not self.deterministic))
 
 
 class LinenModel(nnx.Module):
@@ -120,23 +118,26 @@ class LinenModel(nnx.Module):
         self.deterministic = False  # like a fresh NNX model: in training mode
         self.bridge = nnx.bridge.ToNNX(module, rngs=rngs)
         with linen.intercept_methods(_fast_linen_convolutions):
-            nnx.bridge.lazy_init(self.bridge, sample, **self._mode_kwargs(training=False))
+            nnx.bridge.lazy_init(self.bridge, sample,
+                                 **_mode_kwargs(self.mode_argument, training=False))
         self.mutable = tuple(sorted({
             nnx.variable_name_from_type(type(v)) for _, v in nnx.iter_graph(self.bridge)
             if isinstance(v, nnx.Variable) and not isinstance(v, (nnx.Param, nnx.RngState))
         }))
 
-    def _mode_kwargs(self, training: bool) -> dict:
-        if self.mode_argument is None:
-            return {}
-        name = self.mode_argument
-        return {name: training if TRAIN_ARGUMENTS[name] else not training}
 
     def __call__(self, x):
         training = not self.deterministic
         with linen.intercept_methods(_fast_linen_convolutions):
             return self.bridge(x, mutable=list(self.mutable) if training else False,
-                               **self._mode_kwargs(training))
+                               **_mode_kwargs(self.mode_argument, training))
+
+
+def _mode_kwargs(argument: str | None, training: bool) -> dict:
+    """The keyword argument that sets a ``__call__``'s mode (none without one)."""
+    if argument is None:
+        return {}
+    return {argument: training if TRAIN_ARGUMENTS[argument] else not training}
 
 
 def _mode_argument(module) -> str | None:
