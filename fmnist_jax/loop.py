@@ -6,7 +6,8 @@ hooks in order, each with the same :class:`Event`: the checkpointer (save when d
 stopping), the reporter (progress bar, epoch line, metric files) and the stop check (which
 raises :class:`Preempted` once the checkpoint is written). What the loop itself owns: the
 running training metrics (``nnx.metrics.Average``), the non-finite loss check, evaluation
-on the validation split and early stopping (Flax's ``EarlyStopping``).
+on the validation split and early stopping (the best epoch is derived from the history by
+:func:`best_epoch`).
 
 Signals (:class:`StopSignal`): while training, SIGINT/SIGTERM asks the loop to checkpoint
 and stop at the end of the current dispatch, and the hosts of a multi-host run agree on it
@@ -30,7 +31,6 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from flax.training.early_stopping import EarlyStopping
 
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax import parallel
@@ -68,24 +68,51 @@ def train_metrics() -> nnx.MultiMetric:
     return nnx.MultiMetric(**{name: nnx.metrics.Average(name) for name in TRAIN_METRICS})
 
 
+def best_epoch(history: Sequence[dict], monitor: str) -> int:
+    """The epoch (1-based) of the best ``monitor`` value in ``history``, the earliest on
+    ties; 0 when no record has it. The one definition of "best", for early stopping and
+    the weights a run reports."""
+    best, sign = 0, monitor_sign(monitor)
+    for record in history:
+        value = record.get(monitor)
+        if value is not None and (not best or sign * value > sign * history[best - 1][monitor]):
+            best = record["epoch"]
+    return best
+
+
 @dataclasses.dataclass
 class Progress:
-    """Where training stands; :meth:`to_meta` goes into every checkpoint."""
+    """Where training stands; :meth:`to_meta` goes into every checkpoint. ``monitor`` and
+    ``patience`` come from the run's config; the best epoch and early stopping are derived
+    from the history."""
 
+    epochs: int = 1  # the run's --epochs
+    monitor: str = "val_accuracy"
+    patience: int = 0
     epoch: int = 1  # the epoch in progress
     step_in_epoch: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
     metrics: nnx.MultiMetric = dataclasses.field(default_factory=train_metrics)
-    early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
-    best_epoch: int = 0  # by --monitor
-    stopped_early: bool = False
     wall_time_s: float = 0.0  # spent by earlier processes of this run
 
     @classmethod
     def start(cls, config: Config) -> Progress:
-        # Flax's EarlyStopping stops after patience + 1 epochs without improvement; ours
-        # (--patience) after patience epochs.
-        return cls(early_stopping=EarlyStopping(patience=max(config.patience - 1, 0)))
+        return cls(config.epochs, config.monitor, config.patience)
+
+    @property
+    def best_epoch(self) -> int:
+        return best_epoch(self.history, self.monitor)
+
+    @property
+    def stopped_early(self) -> bool:
+        """``patience`` epochs have ended without a better ``monitor`` value."""
+        best = self.best_epoch
+        return bool(self.patience and best) and self.history[-1]["epoch"] - best >= self.patience
+
+    @property
+    def finished(self) -> bool:
+        """The last epoch has ended, or early stopping ended training."""
+        return self.epoch > self.epochs or self.stopped_early
 
     def to_meta(self, started: float) -> dict:
         stats = {name: {"total": float(getattr(self.metrics, name).total[...]),
@@ -93,16 +120,12 @@ class Progress:
                  for name in TRAIN_METRICS}
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "history": self.history, "train_metrics": stats,
-                "early_stopping": dataclasses.asdict(self.early_stopping),
-                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
                 "wall_time_s": self.wall_time_s + time.perf_counter() - started}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> Progress:
-        progress = cls(meta["epoch"], meta["step_in_epoch"], meta["history"],
-                       early_stopping=EarlyStopping(**meta["early_stopping"]),
-                       best_epoch=meta["best_epoch"], stopped_early=meta["stopped_early"],
-                       wall_time_s=meta["wall_time_s"])
+    def from_meta(cls, meta: dict, config: Config) -> Progress:
+        progress = cls(config.epochs, config.monitor, config.patience, meta["epoch"], meta["step_in_epoch"],
+                       meta["history"], wall_time_s=meta["wall_time_s"])
         for name in TRAIN_METRICS:
             metric = getattr(progress.metrics, name)
             metric.total[...] = np.float32(meta["train_metrics"][name]["total"])
@@ -213,7 +236,7 @@ class Trainer:
     def run(self, state: TrainState, progress: Progress) -> TrainState:
         self.stop.armed = True
         try:
-            while progress.epoch <= self.config.epochs and not progress.stopped_early:
+            while not progress.finished:
                 state = self._train_epoch(state, progress)
         finally:
             self.stop.armed = False
@@ -232,8 +255,8 @@ class Trainer:
             self._call("after_dispatch", Event(state, progress, at_end, self._stopping(at_end)))
         seconds = time.perf_counter() - start
         record = self._end_epoch(state, progress, seconds, done)
-        more = progress.epoch <= self.config.epochs and not progress.stopped_early
-        self._call("after_epoch", Event(state, progress, True, more and self._stopping(False),
+        self._call("after_epoch", Event(state, progress, True,
+                                        not progress.finished and self._stopping(False),
                                         record))
         return state
 
@@ -251,8 +274,8 @@ class Trainer:
 
     def _end_epoch(self, state: TrainState, progress: Progress, seconds: float,
                    done: int) -> dict:
-        """The epoch's record (validation and, if asked, test metrics included), early
-        stopping, and the position moved to the next epoch."""
+        """The epoch's record (validation and, if asked, test metrics included), a copy of
+        the best weights when kept in memory, and the position moved to the next epoch."""
         train = {k: float(v) for k, v in progress.metrics.compute().items()}
         record = {"epoch": progress.epoch, "step": int(state.step),
                   "learning_rate": self._learning_rate(state),
@@ -269,24 +292,11 @@ class Trainer:
             record["process_age_s"] = process_age()
         record["wall_time_s"] = progress.wall_time_s + time.perf_counter() - self.started
         progress.history.append(record)
-        self._early_stopping(state, progress, record)
+        if self.keep_best and progress.best_epoch == record["epoch"]:
+            self.best_variables = jax.tree.map(jax.numpy.copy, inference_variables(state))
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
         progress.metrics.reset()
         return record
-
-    def _early_stopping(self, state: TrainState, progress: Progress, record: dict) -> None:
-        if "val_loss" not in record:
-            return
-        key = self.config.monitor
-        progress.early_stopping = progress.early_stopping.update(
-            -monitor_sign(key) * record[key])
-        if progress.early_stopping.has_improved:
-            progress.best_epoch = record["epoch"]
-            if self.keep_best:
-                self.best_variables = jax.tree.map(jax.numpy.copy,
-                                                   inference_variables(state))
-        progress.stopped_early = bool(self.config.patience) and \
-            progress.early_stopping.should_stop
 
     def _learning_rate(self, state: TrainState) -> float | None:
         if self.built.schedule is not None:

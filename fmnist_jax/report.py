@@ -104,7 +104,7 @@ class Reporter:
         for writer in self.writers:
             writer.write(record)
         log(_epoch_line(record, self.config.epochs))
-        if event.progress.epoch <= self.config.epochs and not event.progress.stopped_early:
+        if not event.progress.finished:
             self._begin_epoch(event.progress)  # its clock starts now, with its first step
         if event.progress.stopped_early:
             log(f"early stopping: no {self.config.monitor} improvement for "

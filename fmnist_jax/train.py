@@ -173,14 +173,13 @@ def _resume(checkpointer: Checkpointer | None, state: TrainState, config: Config
         return state, Progress.start(config)
     state, meta = restored
     try:
-        progress = Progress.from_meta(meta)
+        progress = Progress.from_meta(meta, config)
     except (KeyError, TypeError):
         raise UserError(f"{checkpointer.checkpoints.directory} holds checkpoints of an older "
                         "fmnist_jax; use --fresh to start over (they are moved aside) or "
                         "another --workdir") from None
-    done = progress.epoch > config.epochs or progress.stopped_early
     log(f"resuming from checkpoint {checkpointer.checkpoints.directory / str(int(state.step))}"
-        f": " + ("training is complete; evaluating" if done else
+        f": " + ("training is complete; evaluating" if progress.finished else
                  f"epoch {progress.epoch}, step {progress.step_in_epoch}"))
     return state, progress
 
@@ -261,14 +260,14 @@ def _finish(built: Built, config: Config, state: TrainState, progress: Progress,
 def _runs_model(built: Built, config: Config, state: TrainState, progress: Progress,
                 trainer: Trainer, checkpointer: Checkpointer | None) -> tuple[dict, int]:
     """The weights the run reports, and their step: under early stopping the best epoch's
-    (Orbax's best checkpoint, or without a workdir the copy the trainer kept), else the
-    last."""
+    (its checkpoint, kept by Orbax's best-checkpoint policy, or without a workdir the copy
+    the trainer kept), else the last."""
     variables = inference_variables(state)
     if not config.patience or not progress.best_epoch:
         return variables, int(state.step)
+    step = progress.history[progress.best_epoch - 1]["step"]
     if checkpointer is None:
-        return trainer.best_variables, progress.history[progress.best_epoch - 1]["step"]
-    step = checkpointer.checkpoints.best_step()
+        return trainer.best_variables, step
     if step == int(state.step):
         return variables, step
     template = {"params": variables["params"], "model_state": variables["model_state"]}

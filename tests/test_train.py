@@ -96,6 +96,21 @@ def test_resnet_preset_trains_with_every_augmentation():
     assert plain.history[0]["train_loss"] != result.history[0]["train_loss"]  # it augmented
 
 
+def test_best_epoch_and_early_stopping_are_derived_from_the_history():
+    from fmnist_jax.loop import Progress, best_epoch
+
+    history = [{"epoch": e, "val_accuracy": a, "val_loss": l}
+               for e, (a, l) in enumerate([(0.5, 0.9), (0.7, 0.6), (0.7, 0.5), (0.6, 0.7)], 1)]
+    assert best_epoch(history, "val_accuracy") == 2  # the earliest of a tie
+    assert best_epoch(history, "val_loss") == 3  # lower is better
+    assert best_epoch([{"epoch": 1, "loss": 0.3}], "val_accuracy") == 0
+    progress = Progress(epochs=9, monitor="val_accuracy", patience=2, epoch=5, history=history)
+    assert progress.stopped_early and progress.finished  # epochs 3 and 4 did not improve
+    progress.patience = 3
+    assert not progress.stopped_early and not progress.finished
+    assert not Progress(epochs=9, patience=0, epoch=5, history=history).stopped_early
+
+
 def test_early_stopping_restores_the_best_epoch():
     # A learning rate so high that the validation loss wanders up and down.
     config = Config(model="mlp", epochs=10, patience=2, monitor="val_loss",
