@@ -15,10 +15,9 @@ The choice is made when the program is lowered (``jax.lax.platform_dependent``),
 the model is built: one exported program carries both, each platform runs its own, and the
 parameters keep Flax's names and layout. Both compute the same values and gradients within
 float rounding (``tests/test_kernels.py``, ``tests/test_models.py``); on XLA:CPU ours are
-several times faster (measured 2026-12-05 on 2 AMD EPYC cores: the max-pool gradient at
-(128, 28, 28, 32) in 1.1-1.6 ms against select-and-scatter's 47-51 ms; the seed CNN's step
-took over 2 s with autodiff of ``lax.conv``). On a GPU or TPU the patches would hold nine
-times the activations, and XLA's convolutions are what the hardware is built for.
+several times faster than select-and-scatter and autodiff of ``lax.conv`` (figures in
+experiments/README.md). On a GPU or TPU the patches would hold nine times the
+activations, and XLA's convolutions are what the hardware is built for.
 """
 
 from __future__ import annotations
@@ -81,11 +80,9 @@ def _im2col_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimensi
 
 # Patches above this size are not kept for the backward pass: the input (kh*kw times
 # smaller) is, and both passes run over slices of the batch of about _CHUNK_BYTES of
-# patches each, so the patches never exist whole. Measured on 2 cores: with its 28x28 and
-# 14x14 layers' patches (231 and 116 MB each at batch 128) kept, the ResNet's training
-# step had 1,931 MiB of temporaries, 988 MiB this way. The seed CNN's conv2 (85 MB) stays
-# below the limit: building its patches takes ~6 ms of its ~72 ms step (XLA's profile,
-# 2026-12-01), which recomputing them would add again.
+# patches each, so the patches never exist whole (which about halves the ResNet's
+# temporaries). The seed CNN's conv2 (85 MB) stays below the limit: recomputing its
+# patches would add their cost to its step again. Figures in experiments/README.md.
 _KEEP_PATCHES_BYTES = 96 * 2**20
 _CHUNK_BYTES = 8 * 2**20
 # Kept patches above this size (more than a server CPU's last-level cache; the seed CNN's
@@ -148,11 +145,9 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
     axis with its padding and slices (and the activation before it) into one loop that
     writes the patches once; a concatenate of the 9 slices along the channels (the
     patches' own layout), which it does not fuse, wrote each slice first and then copied
-    it. Measured on 2 AMD EPYC cores, old and new code interleaved in one process: the
-    seed CNN's step 92.8-94.1 -> 90.7-91.2 ms (its patches, an unpadded gather before, 10.6
-    -> 7.6 ms in XLA's profile), our CNN's 54.2-54.5 -> 51.1-51.8 ms, the ResNet's
-    2.44-2.88 -> 2.20-2.24 s with 562 -> 511 MiB of temporaries; the same patches, bit for
-    bit. A kernel wider or taller than 8 gets unfused stacks, still correct.
+    it: the stacks are faster and use less memory, with the same patches bit for bit
+    (figures in experiments/README.md). A kernel wider or taller than 8 gets unfused
+    stacks, still correct.
     """
     if any(p for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -206,10 +201,8 @@ def _grad_kernel(patches: jax.Array, grad: jax.Array, kernel: jax.Array, *,
     """The kernel's gradient, patches^T @ grad summed over all N*Ho*Wo positions. With
     ``halves``, two matmuls (grad^T @ patches) over the two halves of the positions, then
     summed: XLA:CPU runs them side by side, where it shares out one matmul with a long sum
-    and a small result poorly. Measured alone on 2 cores: the seed CNN's conv2 (73,728
-    positions, 288 x 64) 25.8 -> 17.5 ms, our CNN's 14x14 conv2 8.8 -> 5.9 ms; but its 7x7
-    conv3 (576 x 128) 5.8 -> 6.1 ms and a 1-channel 3x3 layer 0.6 -> 1.9 ms, hence only
-    for large patches."""
+    and a small result poorly. Faster for large patches, slower for small ones, hence only
+    for large patches (figures in experiments/README.md)."""
     cout = grad.shape[-1]
     p, g = patches.reshape(-1, patches.shape[-1]), grad.reshape(-1, cout)
     if not halves or p.shape[0] % 2:
@@ -222,9 +215,8 @@ def _grad_kernel(patches: jax.Array, grad: jax.Array, kernel: jax.Array, *,
 def _grad_input(grad: jax.Array, kernel: jax.Array, pads, images: int) -> jax.Array:
     """The input's gradient: grad @ kernel^T, the patches' gradient, added back by
     :func:`_col2im`; with ``images``, one slice of that many images at a time, so that
-    the patches' gradient (kh*kw times the input) is added back while it is in the cache.
-    Measured alone on 2 cores, the seed CNN's conv2 (85 MB of patches' gradient at batch
-    128): 39-44 ms whole, 17-19 ms in slices of 4 to 8 images."""
+    the patches' gradient (kh*kw times the input) is added back while it is in the cache,
+    faster for large patches (figures in experiments/README.md)."""
     kh, kw, cin, cout = kernel.shape
 
     def one(g):
@@ -280,9 +272,8 @@ def cpu_compiler_options() -> dict[str, str]:
     XLA_FLAGS): ``jax.checkpoint``'s optimization barriers are kept (the
     ``cse_barrier_expander`` pass is off). XLA:CPU removes them early by default, and
     common-subexpression elimination then merges the recomputed forward pass with the first
-    one, so that rematerialisation (:func:`remat_on_cpu`) saves nothing: the ResNet's
-    training step needs 552 instead of 977 MiB of temporaries with it. A program without
-    barriers compiles as before."""
+    one, so that rematerialisation (:func:`remat_on_cpu`) saves no memory (figures in
+    experiments/README.md). A program without barriers compiles as before."""
     if jax.default_backend() != "cpu":
         return {}
     return {"xla_disable_hlo_passes": "cse_barrier_expander"}

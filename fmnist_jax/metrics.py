@@ -29,7 +29,7 @@ def classification(logits: np.ndarray, labels: np.ndarray) -> dict:
     training used), accuracy and count, from logits ``(N, C)`` and integer labels ``(N,)``.
 
     Computed here in float64 rather than with ``nnx.metrics.Accuracy``/``Average``, which
-    accumulate in float32: measured, 9,303 right of 10,000 comes out of ``Accuracy`` as
+    accumulate in float32: for example, 9,303 right of 10,000 comes out of ``Accuracy`` as
     0.9302999973297119, where every tool must print the same 0.9303.
     """
     logits = np.asarray(logits, np.float64)
