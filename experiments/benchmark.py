@@ -50,12 +50,13 @@ REPO = HERE.parent
 SEEDS = {"mlp_seed": ("mlp", "mlp_seed", 32), "cnn_seed": ("cnn", "cnn_seed", 128)}
 
 
-def _ours(args: list[str], env: dict | None = None) -> dict:
-    """Runs the training command in its own process; its summary, records and wall time."""
+def _ours(args: list[str], env: dict | None = None, source: Path = REPO) -> dict:
+    """Runs the training command of the checkout ``source`` in its own process; its summary,
+    records and wall time."""
     with tempfile.TemporaryDirectory() as workdir:
         launched = time.perf_counter()
         subprocess.run([sys.executable, "-m", "fmnist_jax.train", *args, "--noprogress",
-                        f"--workdir={workdir}"], check=True, cwd=REPO,
+                        f"--workdir={workdir}"], check=True, cwd=source,
                        env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - launched
         summary = json.loads((Path(workdir) / "summary.json").read_text())
@@ -82,14 +83,21 @@ def _epochs(times: list[float], batch_size: int, images: int = 55_000) -> dict:
             "images_per_s": (images // batch_size) * batch_size / per_epoch}
 
 
-def seed_model(name: str, epochs: int, peers_python: str | None) -> dict:
-    """One comparison of ``name`` (mlp_seed or cnn_seed), every framework once."""
+def seed_model(name: str, epochs: int, peers_python: str | None,
+               before: Path | None = None) -> dict:
+    """One comparison of ``name`` (mlp_seed or cnn_seed), every framework once (and the
+    checkout ``before``, when given, as ``before`` and ``before_warm``)."""
     model, preset, batch = SEEDS[name]
     rows = {}
-    with tempfile.TemporaryDirectory() as cache:
-        for label in ("fmnist_jax", "fmnist_jax_warm"):
+    ours = [("fmnist_jax", REPO), ("fmnist_jax_warm", REPO)]
+    if before is not None:
+        ours += [("before", before), ("before_warm", before)]
+    caches = {}
+    with tempfile.TemporaryDirectory() as cache_root:
+        for label, source in ours:
+            cache = caches.setdefault(source, tempfile.mkdtemp(dir=cache_root))
             run = _ours([f"--preset={preset}", f"--epochs={epochs}"],
-                        env={"XDG_CACHE_HOME": cache})
+                        env={"XDG_CACHE_HOME": cache}, source=source)
             rows[label] = {**_epochs([r["epoch_time_s"] for r in run["records"]], batch),
                            "wall_s": run["wall_s"], "after_test_s": run["after_test_s"],
                            "test_accuracy": run["summary"]["test_accuracy"],
@@ -105,9 +113,9 @@ def seed_model(name: str, epochs: int, peers_python: str | None) -> dict:
         rows[framework] = {**_epochs(out["epoch_times_s"], batch), "wall_s": out["wall_s"],
                            "test_accuracy": out["test_accuracy"][-1],
                            "peak_rss_mb": out["peak_rss_mb"]}
-    for ours in ("fmnist_jax", "fmnist_jax_warm"):
+    for ours in (label for label, _ in ours):
         for framework, row in rows.items():
-            if not framework.startswith("fmnist_jax") and "s_per_epoch" in row:
+            if framework in ("torch", "keras") and "s_per_epoch" in row:
                 rows[ours][f"epoch_ratio_to_{framework}"] = (
                     rows[ours]["s_per_epoch"] / row["s_per_epoch"])
                 rows[ours][f"wall_ratio_to_{framework}"] = rows[ours]["wall_s"] / row["wall_s"]
@@ -115,11 +123,11 @@ def seed_model(name: str, epochs: int, peers_python: str | None) -> dict:
 
 
 def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: float | None,
-                     every_epoch: bool = True) -> dict:
+                     every_epoch: bool = True, source: Path = REPO) -> dict:
     """Process start to each target test accuracy: at the first epoch that reaches it
     (``every_epoch``: the test split evaluated after each epoch, one view per image), else
     at the run's final test result (with the run's test-time augmentation, if any)."""
-    run = _ours(["--test_every_epoch", *extra] if every_epoch else extra)
+    run = _ours(["--test_every_epoch", *extra] if every_epoch else extra, source=source)
     summary = run["summary"]
     final = {"process_age_s": summary["test_done_s"], "epoch": "final",
              "test_accuracy": summary["test_accuracy"]}
@@ -131,7 +139,8 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
             "seconds": record["process_age_s"], "epoch": record["epoch"],
             "pytorch_epochs": (record["process_age_s"] / pytorch_epoch
                                if pytorch_epoch else None)}
-    return {"args": extra, "every_epoch": every_epoch, "reached": reached,
+    return {"args": extra, "source": str(source), "every_epoch": every_epoch,
+            "reached": reached,
             "pytorch_epoch_s": pytorch_epoch,
             "wall_pytorch_epochs": run["wall_s"] / pytorch_epoch if pytorch_epoch else None,
             "per_epoch": [(r["epoch"], r.get("process_age_s"), r.get("test_accuracy"),
@@ -201,22 +210,28 @@ def main() -> None:
     parser.add_argument("--pytorch_epoch_s", type=float, default=0.0,
                         help="the PyTorch seed-CNN epoch to divide by, when cnn_seed is "
                              "not part of this run")
+    parser.add_argument("--before", default="",
+                        help="another checkout of fmnist_jax (e.g. a git worktree of an older "
+                             "commit) run side by side in the seed comparisons and the "
+                             "default CNN's time to accuracy, in the same environment")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args()
+    before = Path(args.before).resolve() if args.before else None
     peers = args.peers_python if args.peers_python and Path(args.peers_python).exists() \
         else None
     results = {"machine": _machine(), "args": vars(args)}
     parts = args.only.split(",")
     for part in (p for p in ("mlp_seed", "cnn_seed") if p in parts):
         epochs = args.mlp_epochs if part == "mlp_seed" else args.cnn_epochs
-        results[part] = [seed_model(part, epochs, peers) for _ in range(args.repeats)]
+        results[part] = [seed_model(part, epochs, peers, before) for _ in range(args.repeats)]
         Path(args.out).write_text(json.dumps(results, indent=2))
     targets = [float(t) for t in args.targets.split(",")]
     if "time_to_accuracy" in parts:
         results["time_to_accuracy"] = [
             time_to_accuracy(targets, extra.split(),
-                             args.pytorch_epoch_s or pytorch_epoch(results))
-            for extra in ["", *args.tta_args]]
+                             args.pytorch_epoch_s or pytorch_epoch(results), source=source)
+            for extra in ["", *args.tta_args]
+            for source in ([REPO, before] if before and not extra else [REPO])]
     if args.run_args:
         results["runs"] = [
             time_to_accuracy(targets, extra.split(),
@@ -271,7 +286,8 @@ def _table(results: dict) -> str:
                 f"{got['seconds']:.1f} s (epoch {got['epoch']})" + (
                     f" = {got['pytorch_epochs']:.2f} PyTorch epochs"
                     if got["pytorch_epochs"] else ""))
-            lines.append(f"\n{' '.join(t['args']) or 'default cnn'}: process start to "
+            where = "" if t.get("source", str(REPO)) == str(REPO) else f" ({t['source']})"
+            lines.append(f"\n{' '.join(t['args']) or 'default cnn'}{where}: process start to "
                          f"{100 * float(target):.1f}% test: {text}")
         whole = (f" = {t['wall_pytorch_epochs']:.2f} PyTorch epochs"
                  if t["wall_pytorch_epochs"] else "")

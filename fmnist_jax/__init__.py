@@ -6,12 +6,14 @@ The pieces, one module each: :mod:`~fmnist_jax.data` (the IDX files),
 :mod:`~fmnist_jax.adapt` (users' NNX and Linen models), :mod:`~fmnist_jax.optim`,
 :mod:`~fmnist_jax.steps` (pure jitted steps), :mod:`~fmnist_jax.inference` (the run's
 model), :mod:`~fmnist_jax.files`,
-:mod:`~fmnist_jax.train` (the run), :mod:`~fmnist_jax.checkpoints`,
+:mod:`~fmnist_jax.train` (the run), :mod:`~fmnist_jax.callbacks` (yours, during
+``fit``), :mod:`~fmnist_jax.checkpoints`,
 :mod:`~fmnist_jax.parallel` (devices), :mod:`~fmnist_jax.plots`,
 :mod:`~fmnist_jax.evaluate`, :mod:`~fmnist_jax.predict`, :mod:`~fmnist_jax.config` and
 :mod:`~fmnist_jax.cli`.
 """
 
+from fmnist_jax.callbacks import StopTraining
 from fmnist_jax.config import PRESETS, Config, preset
 from fmnist_jax.data import CLASS_NAMES, Dataset, Split, load_dataset
 from fmnist_jax.errors import UserError
@@ -38,7 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "CLASS_NAMES", "CNN", "CNNSeed", "Classifier", "Config", "Conv", "Dataset", "MLP",
-    "PRESETS", "ResNet", "Result", "Split", "TrainState", "UserError", "conv_general_dilated",
+    "PRESETS", "ResNet", "Result", "Split", "StopTraining", "TrainState", "UserError", "conv_general_dilated",
     "count_params", "create_model", "create_train_state", "cross_entropy", "eval_step", "fit",
     "load_dataset", "load_model", "make_optimizer", "make_schedule", "make_steps",
     "max_pool_2x2", "preset", "train_and_evaluate", "train_step",

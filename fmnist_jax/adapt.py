@@ -36,7 +36,7 @@ TRAIN_ARGUMENTS = {"train": True, "training": True, "is_training": True,
 
 def prepare(model, sample: np.ndarray, rngs: nnx.Rngs) -> nnx.Module:
     """A training copy of ``model`` (NNX or Linen) with fast convolutions. ``sample``:
-    standardised images ``(B, 28, 28, 1)``; ``rngs``: streams for a Linen module's
+    standardised images ``(B, H, W, C)``; ``rngs``: streams for a Linen module's
     parameters and dropout (NNX modules bring their own)."""
     if isinstance(model, linen.Module):
         return LinenModel(model, sample, rngs=rngs)
@@ -64,10 +64,11 @@ def describe(model) -> str:
     return type(model).__name__
 
 
-def check(graphdef: nnx.GraphDef, variables: tuple, sample: np.ndarray) -> None:
+def check(graphdef: nnx.GraphDef, variables: tuple, sample: np.ndarray,
+          num_classes: int = 10) -> None:
     """Runs the model abstractly (``jax.eval_shape``) on ``sample`` in training and in
     inference mode: an error of the model's own code propagates with its traceback and a
-    note; a model that returns anything but ``(batch, 10)`` logits is a one-line
+    note; a model that returns anything but ``(batch, num_classes)`` logits is a one-line
     UserError."""
     for mode in ("train", "eval"):
         def forward(variables, x):
@@ -83,10 +84,12 @@ def check(graphdef: nnx.GraphDef, variables: tuple, sample: np.ndarray) -> None:
                        "model.train() or model.eval()")
             raise
         shape = getattr(out, "shape", None)
-        if shape != (len(sample), 10):
+        if shape != (len(sample), num_classes):
             got = f"shape {tuple(shape)}" if shape is not None else type(out).__name__
             raise UserError(f"the model returns {got} for a sample batch of shape "
-                            f"{sample.shape}; fit needs logits of shape (batch, 10)")
+                            f"{sample.shape}; fit needs logits of shape (batch, "
+                            f"{num_classes}) for these images and their {num_classes} "
+                            "classes")
 
 
 class ModeArgument(nnx.Module):

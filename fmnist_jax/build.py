@@ -17,7 +17,7 @@ from flax import nnx
 from fmnist_jax import adapt
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import Config
-from fmnist_jax.data import Dataset, load_dataset
+from fmnist_jax.data import DataSpec, Dataset, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, Pipeline, load_tfds
 from fmnist_jax.models import create_model
@@ -32,6 +32,7 @@ class Built:
     """The fixed parts of a run."""
 
     pipeline: Pipeline  # DeviceResident or Streamed
+    spec: DataSpec  # the data's image shape, classes and pixel statistics
     graphdef: nnx.GraphDef
     state: TrainState  # the initial state, on every device
     steps: Steps
@@ -45,9 +46,17 @@ class Built:
         optimizer = ("custom optimizer" if "optimizer" in self.custom else
                      f"{config.optimizer} lr {config.learning_rate:g} {config.schedule}")
         loss = ", custom loss" if "loss" in self.custom else ""
-        return (f"fmnist_jax: {self.model_name} ({self.num_params:,} parameters), "
-                f"{optimizer}{loss}, {config.epochs} epochs of "
-                f"{self.pipeline.steps_per_epoch} steps x {config.batch_size}, on "
+        n = config.accumulate_steps
+        batches = (f"{self.pipeline.steps_per_epoch} steps x {config.batch_size}" if n == 1
+                   else f"{self.pipeline.steps_per_epoch} micro-batches x "
+                        f"{config.batch_size}, an update every {n} "
+                        f"({n * config.batch_size} images)")
+        spec = self.spec
+        data = "" if spec.name == "fashion_mnist" else (
+            f" on {spec.name} ({'x'.join(map(str, spec.image_shape))}, "
+            f"{spec.num_classes} classes)")
+        return (f"fmnist_jax: {self.model_name} ({self.num_params:,} parameters){data}, "
+                f"{optimizer}{loss}, {config.epochs} epochs of {batches}, on "
                 f"{devices.count} {jax.default_backend()} device(s)")
 
 
@@ -61,7 +70,7 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
                         "instead (parameters stay float32) and leave dtype at float32")
     keys = dict(zip(("params", "dropout", "augment", "data"),
                     jax.random.split(jax.random.key(config.seed), 4)))
-    pipeline = make_pipeline(config, data, keys["data"], devices)
+    pipeline, spec = make_pipeline(config, data, keys["data"], devices)
     if config.patience and not pipeline.has_validation:
         raise UserError("--patience needs a validation split, and the data given to fit has "
                         "none (Dataset.validation is None)")
@@ -71,50 +80,63 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
     schedule = None
     if optimizer is None:
         optimizer, schedule = configured_optimizer(config, pipeline.steps_per_epoch)
-    sample = pipeline.split("test").images[:2]
+    if config.accumulate_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, config.accumulate_steps
+                                     ).gradient_transformation()
+    statistics = (spec.mean, spec.std)
+    sample = normalize(pipeline.split("test").images[:2], statistics)
     if model is None:
-        graphdef, state = _named_state(config, optimizer, keys, devices)
+        graphdef, state = _named_state(config, spec, optimizer, keys, devices)
     else:
         graphdef, state = _user_state(model, config, optimizer, keys, sample, devices)
-    adapt.check(graphdef, (state.params, state.rngs, state.model_state), normalize(sample))
+    adapt.check(graphdef, (state.params, state.rngs, state.model_state), sample,
+                spec.num_classes)
     steps = make_steps(graphdef, optimizer, loss_fn or make_loss(config.loss,
                                                                  config.label_smoothing),
                        replicated=devices.replicated,
                        ema_decay=config.ema_decay,
                        augment=Augment(config.random_crop, config.random_flip,
                                        config.random_erasing) or None,
-                       tta_flip=config.tta_flip, tta_shift=config.tta_shift)
-    return Built(pipeline, graphdef, state, steps, schedule, custom,
+                       tta_flip=config.tta_flip, tta_shift=config.tta_shift,
+                       accumulate_steps=config.accumulate_steps, statistics=statistics)
+    return Built(pipeline, spec, graphdef, state, steps, schedule, custom,
                  custom.get("model", config.model),
                  sum(x.size for x in jax.tree.leaves(state.params)))
 
 
 def make_pipeline(config: Config, data: Dataset | None, key: jax.Array, devices: Devices
-                  ) -> Pipeline:
-    """The run's data: ``data`` or the IDX files on the device, or tfds through Grain."""
+                  ) -> tuple[Pipeline, DataSpec]:
+    """The run's data and its spec: ``data`` or the IDX files of ``--dataset`` on the
+    device, or a tfds data set through Grain."""
     seed = [int(w) for w in np.asarray(jax.random.key_data(key)).ravel()]
     if config.data_source == "tfds" and data is None:
         return load_tfds(config, devices, seed[-1])
     if data is None:
-        data = load_dataset(config.data_dir or None, config.validation_size)
+        data = load_dataset(config.data_dir or None, config.validation_size,
+                            dataset=config.dataset)
     return DeviceResident(data.train, {"validation": data.validation, "test": data.test},
                           devices=devices, batch_size=config.batch_size,
                           eval_batch_size=config.eval_batch_size,
-                          steps_per_dispatch=config.steps_per_dispatch, seed=seed)
+                          steps_per_dispatch=config.steps_per_dispatch, seed=seed), data.spec()
 
 
 def configured_optimizer(config: Config, steps_per_epoch: int
                          ) -> tuple[optax.GradientTransformation, Callable]:
-    """The config's optimizer and its learning-rate schedule."""
-    schedule = make_schedule(config.schedule, config.learning_rate,
-                             config.epochs * steps_per_epoch, steps_per_epoch,
-                             warmup_epochs=config.warmup_epochs, decay_rate=config.decay_rate)
-    return make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                          nesterov=config.nesterov, weight_decay=config.weight_decay,
-                          clip_grad_norm=config.clip_grad_norm), schedule
+    """The config's optimizer, and its learning rate by training step. The schedule counts
+    updates: with ``accumulate_steps`` = N, one every N steps."""
+    n = config.accumulate_steps
+    per_update = make_schedule(config.schedule, config.learning_rate,
+                               config.epochs * steps_per_epoch // n,
+                               max(steps_per_epoch // n, 1),
+                               warmup_epochs=config.warmup_epochs,
+                               decay_rate=config.decay_rate)
+    optimizer = make_optimizer(config.optimizer, per_update, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay,
+                               clip_grad_norm=config.clip_grad_norm)
+    return optimizer, per_update if n == 1 else (lambda step: per_update(step // n))
 
 
-def _named_state(config: Config, optimizer, keys: dict, devices: Devices
+def _named_state(config: Config, spec: DataSpec, optimizer, keys: dict, devices: Devices
                  ) -> tuple[nnx.GraphDef, TrainState]:
     """The named model and its optimizer state, built by one compiled program (one
     compilation-cache lookup at start-up instead of dozens for eager ops) straight onto
@@ -123,7 +145,8 @@ def _named_state(config: Config, optimizer, keys: dict, devices: Devices
     def model(keys):
         return create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
                                                         dropout=keys["dropout"]),
-                            **config.model_kwargs())
+                            **config.model_kwargs(), image_shape=spec.image_shape,
+                            num_classes=spec.num_classes)
 
     def init(keys) -> TrainState:
         return create_train_state(model(keys), optimizer, keys["augment"],
@@ -136,7 +159,7 @@ def _named_state(config: Config, optimizer, keys: dict, devices: Devices
 def _user_state(model, config: Config, optimizer, keys: dict, sample: np.ndarray,
                 devices: Devices) -> tuple[nnx.GraphDef, TrainState]:
     """A model of the caller's (NNX or Linen) and its optimizer state, on every device."""
-    work = adapt.prepare(model, normalize(sample),
+    work = adapt.prepare(model, sample,
                          nnx.Rngs(params=keys["params"], dropout=keys["dropout"]))
     graphdef, state = create_train_state(work, optimizer, keys["augment"],
                                          ema=config.ema_decay > 0)

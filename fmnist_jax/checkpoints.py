@@ -317,10 +317,11 @@ class Checkpointer:
     next dispatch boundary, and at once when the loop is stopping; each holds the state and
     the metadata of where training stands (``event.progress.to_meta``)."""
 
-    def __init__(self, workdir: Path, config, started: float):
+    def __init__(self, workdir: Path, config, started: float, data: dict | None = None):
         self.checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
                                        monitor=config.monitor)
         self.config = config.to_dict()
+        self.data = data  # the run's DataSpec, as a dict: the images the model takes
         self.every = config.checkpoint_every_steps
         self.started = started
         self.last_saved = 0  # the start: the first save is at step N or the first after it
@@ -330,6 +331,15 @@ class Checkpointer:
         :meth:`Checkpoints.restore_latest`)."""
         restored = self.checkpoints.restore_latest(template, self.config)
         if restored is not None:
+            saved = restored[1].get("data")
+            if saved is not None and self.data is not None and saved != self.data:
+                raise UserError(
+                    f"{self.checkpoints.directory} holds a run on other data ({saved['name']}, "
+                    f"images {tuple(saved['image_shape'])}, {len(saved['class_names'])} "
+                    f"classes, or other pixel statistics) than this one ({self.data['name']}, "
+                    f"{tuple(self.data['image_shape'])}, {len(self.data['class_names'])}); "
+                    "use --fresh to start over (the old checkpoints are moved aside) or "
+                    "another --workdir")
             self.last_saved = int(restored[0].step)
         return restored
 
@@ -342,7 +352,8 @@ class Checkpointer:
         return restored[part] if part else restored
 
     def _save(self, event, metrics: dict | None = None) -> None:
-        meta = {"config": self.config, **event.progress.to_meta(self.started)}
+        meta = {"config": self.config, "data": self.data,
+                **event.progress.to_meta(self.started)}
         self.checkpoints.save(event.state, meta, metrics=metrics)
         self.last_saved = int(event.state.step)
 

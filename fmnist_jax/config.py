@@ -17,11 +17,9 @@ from fmnist_jax.steps import LOSSES
 DATA_SOURCES = ("idx", "tfds")
 # The fields whose best value depends on the hardware, in one place; 0 in a Config means
 # "this table's value for the backend the run is on". On a CPU, small evaluation steps keep
-# the convolutions' patches in cache: 100 images per step took 1.4 s for the 15,000
-# validation and test images, against 2.8 s at 1,000; 25 per step, for 5,000 images (medians
-# of 9, interleaved, 2 cores): our CNN 0.77 s against 0.89 s at 100, 1.5x-wide 1.66 against
-# 1.79 s, the seed CNN and the ResNet the same, the MLPs 5 ms slower. An accelerator wants
-# large batches.
+# the convolutions' patches in cache, so 25 images per step evaluate the CNNs faster than
+# 100 or 1,000, the MLPs about as fast (figures in experiments/README.md). An accelerator
+# wants large batches.
 BACKEND_DEFAULTS = {
     "cpu": {"eval_batch_size": 25},
     "gpu": {"eval_batch_size": 1000},
@@ -78,8 +76,8 @@ class Config:
     loss: str = _f("sparse", "sparse (integer labels) or categorical (one-hot targets)",
                    LOSSES)
     label_smoothing: float = _f(0.1, "label smoothing in [0, 1)")
-    random_crop: int = _f(0, "augmentation: pad by N black pixels, then crop a random 28x28 "
-                          "window (0: off)")
+    random_crop: int = _f(0, "augmentation: pad by N black pixels, then crop a random window "
+                          "of the image's size (0: off)")
     random_flip: bool = _f(False, "augmentation: mirror left-right with probability 1/2")
     random_erasing: float = _f(0.0, "augmentation: black out a random rectangle with this "
                                "probability")
@@ -95,12 +93,21 @@ class Config:
                           "per step, at most (1+t)/(10+t) at step t) and evaluate, "
                           "checkpoint and predict with it; 0 turns it off")
     epochs: int = _f(6, "training epochs")
-    batch_size: int = _f(128, "images per optimizer step")
+    batch_size: int = _f(128, "images per training step (per micro-batch with "
+                              "--accumulate_steps: an update sees batch_size x "
+                              "accumulate_steps images)")
+    accumulate_steps: int = _f(1, "gradient accumulation: average the gradients of N "
+                                  "micro-batches of --batch_size images, then update once; "
+                                  "schedules count updates")
     patience: int = _f(0, "stop after this many epochs without improvement of --monitor "
                           "and restore the best weights; 0 turns early stopping off")
     monitor: str = _f("val_accuracy", "validation metric for early stopping", MONITORS)
     seed: int = _f(0, "random seed: initialisation, data order and dropout")
     # Data.
+    dataset: str = _f("fashion_mnist", "the data set: fashion_mnist, mnist or kmnist (their "
+                                       "official IDX files); with --data_source=tfds, any tfds "
+                                       "image-classification data set prepared on this "
+                                       "machine (e.g. cifar10)")
     data_source: str = _f("idx", "idx: the official files, resident on the device; tfds: "
                                  "tensorflow-datasets, streamed from the host", DATA_SOURCES)
     data_dir: str = _f("", "directory with the four Fashion-MNIST .gz files (or the tfds "
@@ -151,6 +158,10 @@ class Config:
     plots: bool = _f(True, "write learning curves, confusion matrix, a grid of test "
                            "predictions and the most confused pairs as PNG into the workdir",
                      resumable=True)
+    profile_steps: int = _f(0, "write a jax.profiler trace of N steady-state training steps "
+                                "(from the second dispatch on) to WORKDIR/profile, for "
+                                "TensorBoard's profile plugin or Perfetto; 0: off",
+                            resumable=True)
     debug_nans: bool = _f(False, "JAX's NaN checking: stop at the first operation that "
                                  "makes a NaN, with its traceback (slow)", resumable=True)
 
@@ -184,10 +195,11 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict) -> Config:
         """The config of ``to_dict`` (or of a config.json, whose ``custom`` entry, naming
-        the model, optimizer or loss given to ``fit`` in place of the config's, is
-        ignored)."""
+        the model, optimizer or loss given to ``fit`` in place of the config's, and ``data``
+        entry, the data's :class:`~fmnist_jax.data.DataSpec`, are ignored)."""
         names = {f.name: f for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k != "custom"}  # config.json's note
+        # config.json's notes: what fit was given in place of the config's; the data's spec
+        values = {k: v for k, v in values.items() if k not in ("custom", "data")}
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise UserError(f"unknown config field(s): {', '.join(unknown)}")
@@ -208,6 +220,8 @@ class Config:
             (self.learning_rate > 0, "--learning_rate must be positive"),
             (self.epochs >= 0, "--epochs must be 0 or more"),
             (self.batch_size > 0, "--batch_size must be positive"),
+            (self.accumulate_steps > 0, "--accumulate_steps must be positive"),
+            (self.profile_steps >= 0, "--profile_steps must be 0 or more"),
             (self.eval_batch_size is None or self.eval_batch_size > 0,
              "--eval_batch_size must be positive"),
             (self.steps_per_dispatch is None or self.steps_per_dispatch > 0,
@@ -248,10 +262,7 @@ class Config:
 PRESETS: dict[str, dict] = {
     # The default: our CNN (dropout 0.1), Adam 0.005 with a warm-up cosine schedule, label
     # smoothing 0.1, 6 epochs, evaluated with weight averaging; chosen on validation for
-    # time to 93% test (experiments/README.md, 2026-12-01). Measured on 2 AMD EPYC cores on
-    # 2026-12-05, seeds 0-2: 93.74, 93.52, 93.70% val; 92.97, 93.12, 92.97% test. The
-    # previous default (15 epochs, lr 0.003, no smoothing, dropout 0.3): 93.62% val, 93.03%
-    # test.
+    # time to 93% test (experiments/README.md, 2026-12-01). Expected: ~93.0% test.
     "cnn": {},
     # Our MLP setup: the seed architecture with Adam and a cosine schedule. ~89% test.
     "mlp": dict(model="mlp", learning_rate=1e-3, epochs=20, label_smoothing=0.0),
@@ -261,31 +272,26 @@ PRESETS: dict[str, dict] = {
                      schedule="constant", batch_size=32, epochs=30, ema_decay=0.0,
                      label_smoothing=0.0),
     # The seed Keras CNN: Adadelta lr 1.0, batch 128, categorical loss, 12 epochs; it
-    # reported 90.85% test accuracy at best. Ours on 2 AMD EPYC cores on 2026-12-05: 92.92%
-    # val, 92.86% test.
+    # reported 90.85% test accuracy at best. Expected here: ~92.9% test (experiments/README.md).
     "cnn_seed": dict(model="cnn_seed", optimizer="adadelta", learning_rate=1.0,
                      schedule="constant", loss="categorical", batch_size=128, epochs=12,
                      ema_decay=0.0, label_smoothing=0.0),
     # Experiment 4, our best CNN without augmentation, chosen on validation among the
-    # default (93.62% val), 30 epochs with label smoothing (93.06%) and this one: the CNN at
-    # 1.5x width (876,586 parameters), label smoothing 0.1, 20 epochs. Measured: 93.92%
-    # val, 93.63% test; about 30 s per epoch on 2 CPU cores (27 s of it training).
+    # default, 30 epochs with label smoothing and this one: the CNN at 1.5x width (876,586
+    # parameters), label smoothing 0.1, 20 epochs. Expected: ~93.6% test
+    # (experiments/README.md).
     "cnn_wide": dict(features=(48, 96, 192), dense=384, dropout=0.3, learning_rate=3e-3,
                      label_smoothing=0.1, epochs=20),
     # The recipe for 94% test within 15 PyTorch epochs on 2 CPU cores (experiments/README.md,
     # 2026-11-23), chosen on the 5,000 held-out images: our CNN with a 512-wide dense layer
     # and dropout 0.2 (688,586 parameters), random crop (2 px), label smoothing 0.1, 20
     # epochs, evaluated on the mean of 9 one-pixel translations of each image; then trained
-    # on all 60,000 training images (no validation split). Measured on 2 AMD EPYC cores on
-    # 2026-12-05, after the max-pool gradient fix: 94.18, 93.90, 94.00% test (seeds 0-2,
-    # mean 94.03%); before it (2 Xeon cores, 2026-11-23) 94.00, 93.97, 94.02%, 13.86
-    # PyTorch epochs from launch to exit.
+    # on all 60,000 training images (no validation split). Expected: ~94.0% test.
     "best_cpu": dict(dense=512, dropout=0.2, learning_rate=3e-3, random_crop=2,
                      label_smoothing=0.1, epochs=20, tta_shift=True, validation_size=0),
     # The longer recipe (within 60 PyTorch epochs): cnn_wide with random crop (2 px), 45
-    # epochs, shift test-time augmentation. Measured on 2 Xeon cores on 2026-11-23, seeds
-    # 0-2: 94.96, 94.94, 95.10% val; 94.40, 94.31, 94.43% test (mean 94.38%); 1,732-2,130 s
-    # for the run, 49-54 PyTorch epochs. Short of the 95% target.
+    # epochs, shift test-time augmentation. Expected: ~94.4% test, short of the 95% target
+    # (experiments/README.md).
     "best_cpu_long": dict(features=(48, 96, 192), dense=384, dropout=0.3, learning_rate=3e-3,
                           random_crop=2, label_smoothing=0.1, epochs=45, tta_shift=True),
     # The stronger preset (experiment 5): a wide pre-activation ResNet, 2 blocks per stage

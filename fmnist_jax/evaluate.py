@@ -11,7 +11,6 @@ as a table; writes ``eval.json`` and ``confusion_matrix.png`` into the workdir.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -19,10 +18,9 @@ import numpy as np
 
 from fmnist_jax import files
 from fmnist_jax.cli import build_parser, quiet_library_logs
-from fmnist_jax.config import Config
-from fmnist_jax.data import CLASS_NAMES
+from fmnist_jax.data import IDX_DATASETS
 from fmnist_jax.errors import UserError
-from fmnist_jax.inference import load_model
+from fmnist_jax.inference import load_model, read_run
 from fmnist_jax.input_pipeline import load_test_split
 from fmnist_jax.metrics import classification
 from fmnist_jax.plots import confusion_matrix, plot_confusion_matrix
@@ -30,7 +28,7 @@ from fmnist_jax.plots import confusion_matrix, plot_confusion_matrix
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Evaluate a trained workdir on the Fashion-MNIST test split: by default the run's
+    """Evaluate a trained workdir on its data set's test split: by default the run's
     model, whose test loss and accuracy are those of its summary.json."""
 
     workdir: str = dataclasses.field(default="", metadata={
@@ -49,19 +47,22 @@ def evaluate(workdir: str, step: int | None = None, best: bool = False,
     """Evaluates the run's model (or the checkpoint of ``step``, or the best one) of
     ``workdir`` on all 10,000 test images, as the run itself evaluates."""
     classifier = load_model(workdir, step=step, best=best)
-    config = Config.from_dict(json.loads((Path(workdir) / "config.json").read_text()))
+    config, _, _, spec = read_run(Path(workdir))
+    if spec.name not in IDX_DATASETS and config.data_source != "tfds":
+        raise UserError(f"{workdir} trained on arrays given to fit ({spec.name}): evaluate "
+                        "it in Python, load_model(workdir).evaluate(x_test, y_test)")
     test = load_test_split(config, data_dir or None)
     logits = classifier.logits(test.images)
     predictions = logits.argmax(-1)
     scores = classification(logits, test.labels)
-    matrix = confusion_matrix(test.labels, predictions)
+    matrix = confusion_matrix(test.labels, predictions, spec.num_classes)
     per_class = matrix.diagonal() / matrix.sum(1)
     return {"workdir": str(workdir), "checkpoint_step": classifier.step,
             "weights": classifier.description, "model": config.model,
             "test_loss": scores["loss"], "test_accuracy": scores["accuracy"],
             "test_count": scores["count"],
-            "per_class_accuracy": dict(zip(CLASS_NAMES, map(float, per_class))),
-            "confusion_matrix": matrix.tolist(), "class_names": list(CLASS_NAMES)}
+            "per_class_accuracy": dict(zip(spec.class_names, map(float, per_class))),
+            "confusion_matrix": matrix.tolist(), "class_names": list(spec.class_names)}
 
 
 def format_report(report: dict) -> str:

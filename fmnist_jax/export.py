@@ -2,8 +2,9 @@
 
     python -m fmnist_jax.export --workdir=runs/cnn --output=cnn.jax --platforms=cpu,cuda,tpu
 
-The artifact maps uint8 images ``(N, 28, 28, 1)``, for any N, to float32 logits
-``(N, 10)``: the run's model (the weights its summary's test accuracy was measured with,
+The artifact maps images of the run's data, for any N, to float32 logits ``(N, K)``
+(Fashion-MNIST: uint8 ``(N, 28, 28, 1)`` to ``(N, 10)``; a run on float arrays takes
+float32): the run's model (the weights its summary's test accuracy was measured with,
 :mod:`fmnist_jax.inference`), normalisation included, its weights embedded. One artifact
 serves every platform asked for: each runs its own kernels (``fmnist_jax.kernels`` chooses
 when the program is lowered). To use it, nothing of fmnist_jax is needed::
@@ -36,8 +37,9 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Export the run's model of a workdir as a jax.export artifact (uint8 images (N, 28,
-    28, 1) to float32 logits (N, 10)), for plain JAX on CPU, GPU or TPU."""
+    """Export the run's model of a workdir as a jax.export artifact (uint8 images (N, H, W,
+    C) to float32 logits (N, K); Fashion-MNIST: (N, 28, 28, 1) to (N, 10)), for plain JAX on
+    CPU, GPU or TPU."""
 
     workdir: str = dataclasses.field(default="", metadata={
         "help": "the training run's workdir (required)"})
@@ -54,21 +56,26 @@ class ExportConfig:
 def export(classifier: Classifier, platforms: tuple[str, ...]) -> jax.export.Exported:
     """The classifier's forward pass, weights embedded, as a ``jax.export`` program with a
     symbolic batch size."""
-    size, graphdef = classifier.batch_size, classifier.graphdef
+    size, graphdef, spec = classifier.batch_size, classifier.graphdef, classifier.spec
     variables = jax.tree.map(jnp.asarray, classifier.variables)
 
     def logits(images):
         n = images.shape[0]
         batches = (n + size - 1) // size  # symbolic: the last batch padded, as the run does
         padded = jnp.pad(images, ((0, batches * size - n), (0, 0), (0, 0), (0, 0)))
-        out = eval_batches(variables, padded.reshape((batches, size, 28, 28, 1)),
+        out = eval_batches(variables, padded.reshape((batches, size, *spec.image_shape)),
                            graphdef=graphdef, tta_flip=classifier.tta_flip,
-                           tta_shift=classifier.tta_shift)
+                           tta_shift=classifier.tta_shift, statistics=(spec.mean, spec.std))
         return out.reshape(batches * size, out.shape[-1])[:n]
 
     n, = jax.export.symbolic_shape("n")
     return jax.export.export(jax.jit(logits), platforms=platforms)(
-        jax.ShapeDtypeStruct((n, 28, 28, 1), jnp.uint8))
+        jax.ShapeDtypeStruct((n, *spec.image_shape), input_dtype(spec)))
+
+
+def input_dtype(spec) -> jnp.dtype:
+    """The artifact's input dtype: uint8, or float32 for a run on float images."""
+    return jnp.dtype(jnp.uint8 if spec.pixels == "uint8" else jnp.float32)
 
 
 def _platforms(text: str) -> tuple[str, ...]:
@@ -96,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fmnist-export: error: {e}", file=sys.stderr)
         return e.exit_code
+    spec = classifier.spec
     print(f"wrote {output} ({len(blob) / 1e6:.1f} MB): {classifier.description}, for "
-          f"{', '.join(platforms)}; uint8 images (N, 28, 28, 1) -> float32 logits (N, 10) "
+          f"{', '.join(platforms)}; {input_dtype(spec).name} images (N, "
+          f"{', '.join(map(str, spec.image_shape))}) -> float32 logits (N, {spec.num_classes}) "
           "with jax.export.deserialize(open(FILE, 'rb').read()).call(images)")
     return 0
 

@@ -9,8 +9,10 @@ case its moving average of the weights when ``--ema_decay`` > 0. ``fit`` returns
 ``checkpoint_step``). Another checkpoint is used only when asked for by step or as the best
 by validation; a run that has not finished yet offers its latest checkpoint.
 
-A :class:`Classifier` takes uint8 images (or floats from 0 to 255), ``(N, 28, 28)`` or
-``(N, 28, 28, 1)``, and normalises them itself. It runs the very program of the run's own
+A :class:`Classifier` takes images as the run's data had them (its
+:class:`~fmnist_jax.data.DataSpec`, kept in the workdir's ``config.json``): for
+Fashion-MNIST uint8 images (or floats from 0 to 255), ``(N, 28, 28)`` or ``(N, 28, 28, 1)``;
+it normalises them itself, with the training split's statistics. It runs the very program of the run's own
 evaluations (:func:`fmnist_jax.steps.eval_batches`, batches of the run's
 ``--eval_batch_size``), so its logits, and the loss and accuracy computed from them, are
 those of ``summary.json`` to the last digit.
@@ -31,6 +33,7 @@ from flax import nnx
 from fmnist_jax import adapt
 from fmnist_jax.checkpoints import Checkpoints, quiet_orbax
 from fmnist_jax.config import Config
+from fmnist_jax.data import DataSpec
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import batched, unbatched
 from fmnist_jax.metrics import classification
@@ -49,10 +52,12 @@ class Classifier:
     description: str = ""  # which weights these are, in words
     tta_flip: bool = False  # the run's --tta_flip: logits averaged with the mirror image's
     tta_shift: bool = False  # the run's --tta_shift: and over 1-pixel translations
+    spec: DataSpec = DataSpec()  # the images it takes, their classes and statistics
 
     @functools.cached_property
     def _eval_batches(self):
-        return make_eval_steps(self.graphdef, self.tta_flip, self.tta_shift).eval_batches
+        return make_eval_steps(self.graphdef, self.tta_flip, self.tta_shift,
+                               (self.spec.mean, self.spec.std)).eval_batches
 
     @property
     def model(self) -> nnx.Module:
@@ -63,16 +68,17 @@ class Classifier:
         return model
 
     def logits(self, images) -> np.ndarray:
-        """float32 logits ``(N, 10)`` for images ``(N, 28, 28)`` or ``(N, 28, 28, 1)``,
-        uint8 or 0-255 floats."""
-        images = as_pixels(images)
+        """float32 logits ``(N, K)`` for images ``(N, H, W, C)`` (or ``(N, H, W)`` for one
+        channel) of the run's shape: uint8 or 0-255 floats, or for a run on float images,
+        floats in their units."""
+        images = as_pixels(images, self.spec)
         if len(images) == 0:
-            return np.zeros((0, 10), np.float32)
+            return np.zeros((0, self.spec.num_classes), np.float32)
         return unbatched(self._eval_batches(self.variables, batched(images, self.batch_size)),
                          len(images))
 
     def predict(self, images) -> np.ndarray:
-        """Class probabilities ``(N, 10)`` (see :meth:`logits` for the input)."""
+        """Class probabilities ``(N, K)`` (see :meth:`logits` for the input)."""
         return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
 
     def evaluate(self, images, labels) -> dict:
@@ -80,20 +86,25 @@ class Classifier:
         return classification(self.logits(images), labels)
 
 
-def as_pixels(images) -> np.ndarray:
-    """Images as ``(N, 28, 28, 1)`` pixels from 0 to 255 (uint8 kept as it is)."""
+def as_pixels(images, spec: DataSpec = DataSpec()) -> np.ndarray:
+    """Images as ``(N, H, W, C)`` pixels of ``spec``: from 0 to 255 (uint8 kept as it is),
+    or float32 for a run on float images."""
     images = np.asarray(images)
-    if images.ndim == 3:
+    shape = spec.image_shape
+    if images.ndim == 3 and shape[-1] == 1:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[1:] != (28, 28, 1):
-        raise UserError(f"images must be (N, 28, 28) or (N, 28, 28, 1), got "
-                        f"{images.shape[:-1] if images.ndim == 4 else images.shape}")
-    if images.dtype == np.uint8:
+    if images.ndim != 4 or images.shape[1:] != shape:
+        one = f"(N, {shape[0]}, {shape[1]}) or " if shape[-1] == 1 else ""
+        raise UserError(f"images must be {one}(N, {', '.join(map(str, shape))}), got "
+                        f"{images.shape}")
+    if images.dtype == np.uint8 and spec.pixels == "uint8":
         return images
     if not np.issubdtype(images.dtype, np.number) or np.issubdtype(images.dtype,
                                                                    np.complexfloating):
         raise UserError(f"images must be uint8 or 0-255 numbers, got dtype {images.dtype}")
     images = images.astype(np.float32)
+    if spec.pixels != "uint8":  # the run's own units
+        return images
     if images.size and (images.min() < 0 or images.max() > 255):
         raise UserError(f"pixel values must lie in 0-255, got {images.min():g} to "
                         f"{images.max():g}")
@@ -114,20 +125,22 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, best: boo
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UserError(f"--workdir={workdir} does not exist")
-    config, custom, summary = _read_run(workdir)
+    config, custom, summary, spec = read_run(workdir)
     if model is None and "model" in custom:
         raise UserError(f"{workdir} was trained with a model of your own ({custom['model']}); "
                         "pass it: load_model(workdir, model=...)")
     if model is None:
-        model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs())
+        model = create_model(config.model, rngs=nnx.Rngs(0), **config.model_kwargs(),
+                             image_shape=spec.image_shape, num_classes=spec.num_classes)
     else:
-        model = adapt.prepare(model, np.zeros((2, 28, 28, 1), np.float32), nnx.Rngs(0))
+        model = adapt.prepare(model, np.zeros((2, *spec.image_shape), np.float32),
+                              nnx.Rngs(0))
     graphdef, params, rngs, model_state = split_model(model)
     with quiet_orbax():
         chosen, description, variables = _restore(
             workdir, config, summary, step, best, {"params": params, "model_state": model_state})
     return Classifier(graphdef, {**variables, "rngs": rngs}, config.eval_batch_size,
-                      chosen, description, config.tta_flip, config.tta_shift)
+                      chosen, description, config.tta_flip, config.tta_shift, spec)
 
 
 def _restore(workdir: Path, config: Config, summary: dict | None, step: int | None,
@@ -144,16 +157,17 @@ def _restore(workdir: Path, config: Config, summary: dict | None, step: int | No
     return chosen, description, restored[part] if part else restored
 
 
-def _read_run(workdir: Path) -> tuple[Config, dict, dict | None]:
-    """The run's config, what it trained in place of the config's (``custom``), and its
-    summary if it has finished."""
+def read_run(workdir: Path) -> tuple[Config, dict, dict | None, DataSpec]:
+    """The run's config, what it trained in place of the config's (``custom``), its
+    summary if it has finished, and its data's spec."""
     path = workdir / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} holds no config.json: not the workdir of a training run")
     values = json.loads(path.read_text())
     summary_path = workdir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return Config.from_dict(values), values.get("custom", {}), summary
+    return (Config.from_dict(values), values.get("custom", {}), summary,
+            DataSpec.from_dict(values.get("data")))
 
 
 def _choose_step(ckpt: Checkpoints, summary: dict | None, step: int | None, best: bool,

@@ -8,10 +8,11 @@ yields ``(state, per-step metrics, num_steps)`` after each dispatch,
 host, and ``split(name)`` its images and labels.
 
 - :class:`DeviceResident`: each split lives on the device as uint8 (55,000 training images
-  are 43 MB). Every epoch draws a fresh permutation on the host (numpy: 0.1 ms, against 28 ms for
-  ``jax.random.permutation``'s sort on XLA:CPU), sends the 220 KB of indices, and runs
-  ``steps_per_dispatch`` steps per host call inside a jitted ``lax.scan`` that gathers its
-  batches on the device, so the host is out of the loop.
+  are 43 MB). Every epoch draws a fresh permutation on the host (numpy, far cheaper than
+  ``jax.random.permutation``'s sort on XLA:CPU; figures in experiments/README.md), sends
+  the 220 KB of indices, and runs ``steps_per_dispatch`` steps per host call inside a
+  jitted ``lax.scan`` that gathers its batches on the device, so the host is out of the
+  loop.
 - :class:`Streamed`: tfds's ``fashion_mnist`` through ``tfds.data_source`` (random-access
   ArrayRecord files; no TensorFlow needed once prepared) and Grain (``MapDataset``: shuffle
   reseeded per epoch, batches, per-process sharding, reading in threads ahead of the device),
@@ -20,13 +21,15 @@ host, and ``split(name)`` its images and labels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Protocol
 
 import jax
 import numpy as np
 
-from fmnist_jax.data import CLASS_NAMES, Split, find_files, load_arrays
+from fmnist_jax.data import (CLASS_NAMES, IDX_DATASETS, IMAGE_SHAPE, DataSpec, Split,
+                             find_files, idx_dataset, load_arrays, pixel_statistics)
 from fmnist_jax.errors import UserError
 from fmnist_jax.parallel import Devices, to_host
 from fmnist_jax.steps import Steps, TrainState
@@ -173,14 +176,17 @@ class Streamed:
 
     def __init__(self, sources: dict, *, devices: Devices, batch_size: int,
                  eval_batch_size: int, steps_per_dispatch: int, validation_size: int,
-                 seed: int, threads: int = 4, prefetch: int = 2):
+                 seed: int, threads: int = 4, prefetch: int = 2,
+                 image_shape: tuple[int, ...] = IMAGE_SHAPE):
         import grain
 
         train = sources["train"]
         if not 0 <= validation_size < len(train):
             raise UserError(f"--validation_size={validation_size} must be in "
                             f"[0, {len(train)}) (tfds train split size)")
-        source = grain.MapDataset.source(train).map(_record)
+        record = functools.partial(_record, shape=tuple(image_shape))
+        self.image_shape = tuple(image_shape)
+        source = grain.MapDataset.source(train).map(record)
         self.training = source[validation_size:].shuffle(seed=seed).repeat()
         self.num_train = len(train) - validation_size
         check_batch_size(batch_size, self.num_train, devices)
@@ -189,7 +195,7 @@ class Streamed:
         self.steps_per_dispatch = dispatch_steps(self.steps_per_epoch, steps_per_dispatch)
         self.eval_batch_size = per_device_multiple(eval_batch_size, devices)
         self.sources = {"validation": source[:validation_size],
-                        "test": grain.MapDataset.source(sources["test"]).map(_record)}
+                        "test": grain.MapDataset.source(sources["test"]).map(record)}
         self.has_validation = validation_size > 0
         self.devices = devices
         self.read_options = grain.ReadOptions(num_threads=threads,
@@ -228,7 +234,7 @@ class Streamed:
         without test-time augmentation)."""
         dataset = self.sources[split]
         run = steps.monitor_batches if monitor else steps.eval_batches
-        padded = _padded(dataset, self.eval_batch_size)
+        padded = _padded(dataset, self.eval_batch_size, self.image_shape)
         chunks = self._chunks(padded, self.eval_batch_size, self.steps_per_dispatch)
         try:
             logits = [unbatched(run(
@@ -247,29 +253,47 @@ class Streamed:
         return self._splits[name]
 
 
-def _record(example: dict) -> dict:
-    """A tfds example as arrays: uint8 image (28, 28, 1) and int32 label."""
-    return {"image": np.asarray(example["image"], np.uint8).reshape(28, 28, 1),
+def _record(example: dict, shape: tuple[int, ...] = IMAGE_SHAPE) -> dict:
+    """A tfds example as arrays: uint8 image ``shape`` and int32 label."""
+    return {"image": np.asarray(example["image"], np.uint8).reshape(shape),
             "label": np.int32(example["label"])}
 
 
-def _padded(dataset, batch_size: int):
+def _padded(dataset, batch_size: int, shape: tuple[int, ...] = IMAGE_SHAPE):
     """``dataset`` followed by black images labelled 0, up to a multiple of ``batch_size``."""
     import grain
 
     pad = -len(dataset) % batch_size
-    blank = {"image": np.zeros((28, 28, 1), np.uint8), "label": np.int32(0)}
+    blank = {"image": np.zeros(shape, np.uint8), "label": np.int32(0)}
     return grain.MapDataset.concatenate([dataset, grain.MapDataset.range(pad).map(
         lambda _: blank)]) if pad else dataset
 
 
-def load_tfds(config, devices: Devices, seed: int) -> Streamed:
-    """The :class:`Streamed` pipeline over tfds's ``fashion_mnist`` for ``config``."""
-    sources = load_tfds_sources(config.data_dir or None, local_idx_dir())
-    return Streamed(sources, devices=devices, batch_size=config.batch_size,
-                    eval_batch_size=config.eval_batch_size,
-                    steps_per_dispatch=config.steps_per_dispatch,
-                    validation_size=config.validation_size, seed=seed)
+def load_tfds(config, devices: Devices, seed: int) -> tuple[Streamed, DataSpec]:
+    """The :class:`Streamed` pipeline over tfds's ``--dataset`` for ``config``, and its
+    spec (pixel statistics: Fashion-MNIST's known ones, else those of the first
+    :data:`STATISTICS_SAMPLE` training images after the validation split)."""
+    sources = load_tfds_sources(config.data_dir or None, _manual_dir(config.dataset),
+                                config.dataset)
+    pipeline = Streamed(sources, devices=devices, batch_size=config.batch_size,
+                        eval_batch_size=config.eval_batch_size,
+                        steps_per_dispatch=config.steps_per_dispatch,
+                        validation_size=config.validation_size, seed=seed,
+                        image_shape=sources["image_shape"])
+    known = IDX_DATASETS.get(config.dataset)
+    statistics = known.statistics if known else None
+    if statistics is None:
+        train = sources["train"]
+        end = min(len(train), config.validation_size + STATISTICS_SAMPLE)
+        record = functools.partial(_record, shape=sources["image_shape"])
+        statistics = pixel_statistics(np.stack(
+            [record(train[i])["image"] for i in range(config.validation_size, end)]))
+    mean, std = statistics
+    return pipeline, DataSpec(sources["image_shape"], sources["class_names"], tuple(mean),
+                              tuple(std), "uint8", config.dataset)
+
+
+STATISTICS_SAMPLE = 10_000
 
 
 def load_test_split(config, data_dir: str | None = None) -> Split:
@@ -277,11 +301,16 @@ def load_test_split(config, data_dir: str | None = None) -> Split:
     ``data_dir`` overrides the run's."""
     data_dir = data_dir or config.data_dir or None
     if config.data_source == "tfds":
-        source = load_tfds_sources(data_dir, local_idx_dir())["test"]
-        records = [_record(source[i]) for i in range(len(source))]
+        sources = load_tfds_sources(data_dir, _manual_dir(config.dataset), config.dataset)
+        source = sources["test"]
+        records = [_record(source[i], sources["image_shape"]) for i in range(len(source))]
         return Split(np.stack([r["image"] for r in records]),
                      np.array([r["label"] for r in records], np.int32))
-    return Split(*load_arrays(data_dir)[1])
+    return Split(*load_arrays(data_dir, idx_dataset(config.dataset))[1])
+
+
+def _manual_dir(dataset: str) -> str | None:
+    return local_idx_dir() if dataset == "fashion_mnist" else None
 
 
 def local_idx_dir() -> str | None:
@@ -292,8 +321,11 @@ def local_idx_dir() -> str | None:
         return None
 
 
-def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None) -> dict:
-    """Random-access ``train`` and ``test`` sources of tfds's ``fashion_mnist``.
+def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None,
+                      name: str = "fashion_mnist") -> dict:
+    """Random-access ``train`` and ``test`` sources of the tfds data set ``name``, with its
+    ``class_names`` and ``image_shape`` (an image-classification data set: an ``image``
+    feature of fixed shape and a ``label`` class feature).
 
     Reads prepared ArrayRecord data without TensorFlow. If the data is not prepared yet,
     preparing it needs TensorFlow (``pip install 'fmnist_jax[tensorflow]'``); ``manual_dir`` may
@@ -305,22 +337,43 @@ def load_tfds_sources(data_dir: str | None = None, manual_dir: str | None = None
     except ImportError as e:
         raise UserError(f"--data_source=tfds needs tensorflow-datasets ({e}); "
                         "pip install tensorflow-datasets")
-    kwargs = {}
+    # Only Fashion-MNIST is prepared here (from the official files this package found);
+    # another data set must be prepared already: no download is started unasked.
+    kwargs = {"download": bool(manual_dir)}
     if manual_dir:
         kwargs["download_and_prepare_kwargs"] = {
             "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
     try:
-        sources = tfds.data_source("fashion_mnist", split=["train", "test"],
-                                   data_dir=data_dir or None, **kwargs)
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir or None,
+                                   **kwargs)
     except ImportError as e:
-        raise UserError("tfds has no prepared fashion_mnist here, and preparing it needs "
-                        f"TensorFlow ({e}): pip install 'fmnist_jax[tensorflow]', or use "
-                        "--data_source=idx (the default, no TensorFlow)")
-    except tfds.core.DatasetNotFoundError as e:
-        raise UserError(f"tfds has no fashion_mnist in {data_dir or 'its data dir'}: "
-                        f"{e}") from e
+        raise UserError(f"tfds has no prepared {name} here, and preparing it needs "
+                        f"TensorFlow ({e}): pip install 'fmnist_jax[tensorflow]'"
+                        + (", or use --data_source=idx (the default, no TensorFlow)"
+                           if name in IDX_DATASETS else
+                           f", then python -c \"import tensorflow_datasets as tfds; "
+                           f"tfds.builder('{name}').download_and_prepare()\""))
+    except (tfds.core.DatasetNotFoundError, NotImplementedError) as e:
+        # not a tfds name, not prepared, or prepared as TFRecord (no random access)
+        where = data_dir or "tfds's data dir"
+        raise UserError(
+            f"tfds has no prepared {name} in {where} that it can read at random (ArrayRecord"
+            f"); prepare it once (needs TensorFlow and the internet): python -c \"import "
+            f"tensorflow_datasets as tfds; tfds.builder('{name}', "
+            f"{f'data_dir={data_dir!r}, ' if data_dir else ''}file_format='array_record')"
+            f".download_and_prepare()\"") from e
     except Exception as e:  # anything else is tfds's own failure: its traceback is kept
-        e.add_note("fmnist_jax: tfds.data_source('fashion_mnist') failed; "
-                   "--data_source=idx reads the official files without tfds")
+        e.add_note(f"fmnist_jax: tfds.data_source('{name}') failed"
+                   + ("; --data_source=idx reads the official files without tfds"
+                      if name in IDX_DATASETS else ""))
         raise
-    return {"train": sources[0], "test": sources[1], "class_names": CLASS_NAMES}
+    features = sources[0].dataset_info.features
+    image, label = (features[k] if k in features.keys() else None for k in ("image", "label"))
+    shape = tuple(getattr(image, "shape", ()) or ())
+    names = getattr(label, "names", None)
+    if len(shape) != 3 or None in shape or not names:
+        raise UserError(f"tfds's {name} is not an image-classification data set of fixed-size "
+                        f"images: fit needs an 'image' feature (H, W, C) and a 'label' class "
+                        f"feature (it has {', '.join(features.keys())})")
+    return {"train": sources[0], "test": sources[1], "image_shape": shape,
+            "class_names": tuple(names) if name != "fashion_mnist" else CLASS_NAMES}

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fmnist_jax import callbacks as callbacks_lib
 from fmnist_jax import metrics as metrics_lib
 from fmnist_jax import parallel
 from fmnist_jax.config import Config, monitor_sign
@@ -94,6 +95,7 @@ class Progress:
     history: list[dict] = dataclasses.field(default_factory=list)
     metrics: nnx.MultiMetric = dataclasses.field(default_factory=train_metrics)
     wall_time_s: float = 0.0  # spent by earlier processes of this run
+    stopped_by: str | None = None  # the callback that raised StopTraining, and why
 
     @classmethod
     def start(cls, config: Config) -> Progress:
@@ -111,8 +113,8 @@ class Progress:
 
     @property
     def finished(self) -> bool:
-        """The last epoch has ended, or early stopping ended training."""
-        return self.epoch > self.epochs or self.stopped_early
+        """The last epoch has ended, or early stopping or a callback ended training."""
+        return self.epoch > self.epochs or self.stopped_early or self.stopped_by is not None
 
     def to_meta(self, started: float) -> dict:
         stats = {name: {"total": float(getattr(self.metrics, name).total[...]),
@@ -120,12 +122,14 @@ class Progress:
                  for name in TRAIN_METRICS}
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "history": self.history, "train_metrics": stats,
+                "stopped_by": self.stopped_by,
                 "wall_time_s": self.wall_time_s + time.perf_counter() - started}
 
     @classmethod
     def from_meta(cls, meta: dict, config: Config) -> Progress:
-        progress = cls(config.epochs, config.monitor, config.patience, meta["epoch"], meta["step_in_epoch"],
-                       meta["history"], wall_time_s=meta["wall_time_s"])
+        progress = cls(config.epochs, config.monitor, config.patience, meta["epoch"],
+                       meta["step_in_epoch"], meta["history"],
+                       wall_time_s=meta["wall_time_s"], stopped_by=meta.get("stopped_by"))
         for name in TRAIN_METRICS:
             metric = getattr(progress.metrics, name)
             metric.total[...] = np.float32(meta["train_metrics"][name]["total"])
@@ -222,11 +226,16 @@ def _send_again_soon(signum: int) -> None:
 
 class Trainer:
     """Trains ``built`` (:class:`fmnist_jax.build.Built`) epoch by epoch, calling
-    ``hooks`` (objects with ``after_dispatch(event)`` and ``after_epoch(event)``) in order."""
+    ``hooks`` (objects with ``after_dispatch(event)`` and ``after_epoch(event)``) in order,
+    and the user's
+    ``callbacks`` (:mod:`fmnist_jax.callbacks`): each epoch's ``on_epoch_end`` runs before
+    the hooks' ``after_epoch``, so that the checkpoint saved then knows whether a callback
+    stopped training."""
 
     def __init__(self, built, config: Config, hooks: Sequence, stop: StopSignal,
-                 started: float, keep_best: bool):
+                 started: float, keep_best: bool, callbacks: Sequence = ()):
         self.built, self.config, self.hooks, self.stop = built, config, hooks, stop
+        self.callbacks = callbacks
         self.started = started
         # Without checkpoints to restore it from, early stopping keeps a copy of the best
         # epoch's weights (the inference variables alone, not the optimizer state).
@@ -236,11 +245,20 @@ class Trainer:
     def run(self, state: TrainState, progress: Progress) -> TrainState:
         self.stop.armed = True
         try:
+            self._callback(progress, "on_train_begin", {})
             while not progress.finished:
+                self._callback(progress, "on_epoch_begin", progress.epoch, {})
+                if progress.finished:
+                    break
                 state = self._train_epoch(state, progress)
         finally:
             self.stop.armed = False
         return state
+
+    def _callback(self, progress: Progress, method: str, *args) -> None:
+        stopped = callbacks_lib.call(self.callbacks, method, *args)
+        if stopped and progress.stopped_by is None:
+            progress.stopped_by = stopped
 
     def _train_epoch(self, state: TrainState, progress: Progress) -> TrainState:
         start, done, pipeline = time.perf_counter(), 0, self.built.pipeline
@@ -255,6 +273,7 @@ class Trainer:
             self._call("after_dispatch", Event(state, progress, at_end, self._stopping(at_end)))
         seconds = time.perf_counter() - start
         record = self._end_epoch(state, progress, seconds, done)
+        self._callback(progress, "on_epoch_end", record["epoch"], dict(record))
         self._call("after_epoch", Event(state, progress, True,
                                         not progress.finished and self._stopping(False),
                                         record))

@@ -1,7 +1,8 @@
 """Flax NNX models: the seed MLP, the seeds' classic CNN, our CNN and a small ResNet.
 
 Every model follows Flax's conventions, as a model of your own does: it maps float images
-``(N, 28, 28, 1)`` (standardised) to logits ``(N, 10)`` when called as ``model(x)``;
+``(N, H, W, C)`` (standardised; Fashion-MNIST's ``(N, 28, 28, 1)`` by default) to logits
+``(N, K)`` (``num_classes``, 10 by default) when called as ``model(x)``;
 ``model.train()`` and ``model.eval()`` switch dropout and batch-norm statistics; dropout
 draws its keys from the ``nnx.Rngs`` the model was built with (its ``dropout`` stream,
 else ``default``), whose state is part of the model's state.
@@ -18,16 +19,17 @@ several times faster formulations on XLA:CPU (see :mod:`fmnist_jax.kernels`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fmnist_jax.data import IMAGE_SHAPE, NUM_CLASSES  # Fashion-MNIST's: the defaults
 from fmnist_jax.kernels import (avg_pool_2x2, conv_general_dilated, max_pool_2x2,
                                 remat_on_cpu)
 
-NUM_CLASSES = 10
 
 
 def Conv(in_features: int, out_features: int, kernel_size: int = 3, padding: str = "SAME",
@@ -49,13 +51,14 @@ class MLP(nnx.Module):
     """
 
     def __init__(self, hidden: Sequence[int] = (300, 100), dropout: float = 0.2, *,
+                 image_shape: Sequence[int] = IMAGE_SHAPE, num_classes: int = NUM_CLASSES,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         t = _dtypes(dtype, param_dtype)
-        sizes = (28 * 28, *hidden)
+        sizes = (math.prod(image_shape), *hidden)
         self.hidden = nnx.List(
             [nnx.Linear(a, b, rngs=rngs, **t) for a, b in zip(sizes[:-1], sizes[1:])])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.head = nnx.Linear(sizes[-1], NUM_CLASSES, rngs=rngs, **t)
+        self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs, **t)
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
@@ -71,14 +74,18 @@ class CNNSeed(nnx.Module):
     ReLU, Dropout 0.5, Dense 10.
     """
 
-    def __init__(self, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, image_shape: Sequence[int] = IMAGE_SHAPE,
+                 num_classes: int = NUM_CLASSES, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         t = _dtypes(dtype, param_dtype)
-        self.conv1 = Conv(1, 32, 3, "VALID", rngs=rngs, **t)
+        height, width, channels = image_shape
+        self.conv1 = Conv(channels, 32, 3, "VALID", rngs=rngs, **t)
         self.conv2 = Conv(32, 64, 3, "VALID", rngs=rngs, **t)
         self.drop_conv = nnx.Dropout(0.25, rngs=rngs)
-        self.dense = nnx.Linear(12 * 12 * 64, 128, rngs=rngs, **t)
+        self.dense = nnx.Linear((height - 4) // 2 * ((width - 4) // 2) * 64, 128, rngs=rngs,
+                                **t)
         self.drop_dense = nnx.Dropout(0.5, rngs=rngs)
-        self.head = nnx.Linear(128, NUM_CLASSES, rngs=rngs, **t)
+        self.head = nnx.Linear(128, num_classes, rngs=rngs, **t)
 
     def __call__(self, x):
         x = nnx.relu(self.conv1(x))
@@ -94,28 +101,28 @@ class CNN(nnx.Module):
     Each entry of ``features`` is a block: Conv 3x3 SAME, MaxPool 2, [BatchNorm], ReLU, so
     every later convolution runs at a quarter of the previous resolution (28, 14, 7). Then
     Dropout, Dense ``dense``, ReLU, Dropout, Dense 10. Pooling comes straight after the
-    convolution, so batch norm and ReLU run on a quarter of the values: on 2 CPU cores a
-    training step takes 19% less time than with pooling last (232 instead of 286 us per
-    image at batch 128), and the default run's test accuracy went from 92.77% to 93.03%.
+    convolution, so batch norm and ReLU run on a quarter of the values: a faster training
+    step than with pooling last, and no loss of accuracy (figures in experiments/README.md).
     """
 
     def __init__(self, features: Sequence[int] = (32, 64, 128), dense: int = 256,
-                 dropout: float = 0.1, batch_norm: bool = True, *, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float = 0.1, batch_norm: bool = True, *,
+                 image_shape: Sequence[int] = IMAGE_SHAPE, num_classes: int = NUM_CLASSES,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         t = _dtypes(dtype, param_dtype)
-        channels = (1, *features)
+        height, width, channels = image_shape
+        channels = (channels, *features)
         self.convs = nnx.List(
             [Conv(a, b, 3, "SAME", rngs=rngs, **t)
              for a, b in zip(channels[:-1], channels[1:])])
         self.norms = nnx.List(
             [nnx.BatchNorm(b, momentum=0.9, rngs=rngs, **t) for b in features] if batch_norm
             else [])
-        side = 28
         for _ in features:
-            side //= 2
+            height, width = height // 2, width // 2
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.dense = nnx.Linear(side * side * features[-1], dense, rngs=rngs, **t)
-        self.head = nnx.Linear(dense, NUM_CLASSES, rngs=rngs, **t)
+        self.dense = nnx.Linear(height * width * features[-1], dense, rngs=rngs, **t)
+        self.head = nnx.Linear(dense, num_classes, rngs=rngs, **t)
 
     def __call__(self, x):
         for i, conv in enumerate(self.convs):
@@ -166,17 +173,17 @@ class ResNet(nnx.Module):
 
     ``remat_on_cpu``: on a CPU, the backward pass recomputes each block's activations from
     its input (:func:`fmnist_jax.kernels.remat_on_cpu`), the same gradients (bitwise) with
-    less memory: the default's training step at batch 128 needs 558 instead of 983 MiB of
-    temporaries and takes 10-15% longer (2.40 against 2.13 s on 2 cores). GPUs and TPUs
-    keep the activations.
+    about half the temporaries and a somewhat slower step (figures in
+    experiments/README.md). GPUs and TPUs keep the activations.
     """
 
     def __init__(self, features: Sequence[int] = (64, 128, 256), blocks: int = 2,
-                 dropout: float = 0.0, remat_on_cpu: bool = True, *, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float = 0.0, remat_on_cpu: bool = True, *,
+                 image_shape: Sequence[int] = IMAGE_SHAPE, num_classes: int = NUM_CLASSES,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         t = _dtypes(dtype, param_dtype)
         self.remat_on_cpu = remat_on_cpu
-        self.stem = Conv(1, features[0], 3, "SAME", rngs=rngs, **t)
+        self.stem = Conv(image_shape[-1], features[0], 3, "SAME", rngs=rngs, **t)
         layers, width = [], features[0]
         for stage, out in enumerate(features):
             for b in range(blocks):
@@ -185,7 +192,7 @@ class ResNet(nnx.Module):
                 width = out
         self.blocks = nnx.List(layers)
         self.norm = nnx.BatchNorm(width, momentum=0.9, rngs=rngs, **t)
-        self.head = nnx.Linear(width, NUM_CLASSES, rngs=rngs, **t)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs, **t)
 
     def __call__(self, x):
         x = self.stem(x)
@@ -198,19 +205,23 @@ class ResNet(nnx.Module):
 def create_model(name: str, *, rngs: nnx.Rngs, hidden: Sequence[int] = (300, 100),
                  features: Sequence[int] = (32, 64, 128), dense: int = 256,
                  dropout: float | None = None, batch_norm: bool = True,
-                 blocks: int = 2, dtype=None) -> nnx.Module:
-    """Builds a named model; ``dropout=None`` keeps the model's own default; ``dtype`` is
-    the computation's (parameters stay float32)."""
+                 blocks: int = 2, dtype=None, image_shape: Sequence[int] = IMAGE_SHAPE,
+                 num_classes: int = NUM_CLASSES) -> nnx.Module:
+    """Builds a named model for images ``image_shape`` ``(H, W, C)`` and ``num_classes``
+    classes; ``dropout=None`` keeps the model's own default; ``dtype`` is the
+    computation's (parameters stay float32)."""
     dtype = None if dtype is None else jnp.dtype(dtype)
     own = {} if dropout is None else {"dropout": dropout}  # else the class's default
+    data = {"image_shape": tuple(image_shape), "num_classes": num_classes}
     if name == "mlp":
-        return MLP(hidden, dtype=dtype, rngs=rngs, **own)
+        return MLP(hidden, dtype=dtype, rngs=rngs, **own, **data)
     if name == "cnn":
-        return CNN(features, dense, batch_norm=batch_norm, dtype=dtype, rngs=rngs, **own)
+        return CNN(features, dense, batch_norm=batch_norm, dtype=dtype, rngs=rngs, **own,
+                   **data)
     if name == "cnn_seed":
-        return CNNSeed(dtype=dtype, rngs=rngs)
+        return CNNSeed(dtype=dtype, rngs=rngs, **data)
     if name == "resnet":
-        return ResNet(features, blocks, dtype=dtype, rngs=rngs, **own)
+        return ResNet(features, blocks, dtype=dtype, rngs=rngs, **own, **data)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

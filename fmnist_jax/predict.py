@@ -6,15 +6,17 @@
 Library: ``model = load_model(workdir)`` (the run's model, :mod:`fmnist_jax.inference`) then
 ``model.predict(images) -> probabilities``.
 
-How a picture becomes a Fashion-MNIST input (:func:`image_to_input`):
+How a picture becomes an input of the run's model (:func:`image_to_input`; Fashion-MNIST's
+28x28 grayscale, or the run's own ``(H, W, C)`` for another data set):
 
 1. It must be a PNG, JPEG or another format Pillow reads, at most 4096 px on a side and
    not empty; anything else is refused with a message.
-2. Transparency is flattened onto white; colour becomes grayscale (ITU-R 601-2 luma).
-3. Fashion-MNIST shows light garments on a black background: when the image's border is
-   mostly light (mean above 127, as in a product photo on white), it is inverted.
+2. Transparency is flattened onto white; colour becomes grayscale (ITU-R 601-2 luma) for
+   a one-channel run, RGB for a three-channel one.
+3. Fashion-MNIST shows light garments on a black background: when a grayscale image's
+   border is mostly light (mean above 127, as in a product photo on white), it is inverted.
 4. A non-square image is padded to a square with black, centred; then it is resized to
-   28x28 (Lanczos). A 28x28 grayscale image with a dark border passes unchanged.
+   the run's H x W (Lanczos). A 28x28 grayscale image with a dark border passes unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_jax.cli import _Parser, output_pipe_closed, quiet_library_logs
-from fmnist_jax.data import CLASS_NAMES, load_dataset
+from fmnist_jax.data import IDX_DATASETS, DataSpec
 from fmnist_jax.errors import UserError
-from fmnist_jax.inference import Classifier, load_model
+from fmnist_jax.inference import Classifier, load_model, read_run
+from fmnist_jax.input_pipeline import load_test_split
 
 MAX_SIDE = 4096
 
@@ -39,8 +42,13 @@ def predict(model: Classifier, images) -> np.ndarray:
     return model.predict(images)
 
 
-def image_to_input(path: str | os.PathLike) -> np.ndarray:
-    """Reads one picture and converts it by the module's rules into uint8 (28, 28)."""
+def image_to_input(path: str | os.PathLike, spec: DataSpec = DataSpec()) -> np.ndarray:
+    """Reads one picture and converts it by the module's rules into uint8 ``(H, W)`` (one
+    channel) or ``(H, W, 3)`` (colour) for a run on images of ``spec``."""
+    if spec.pixels != "uint8" or spec.image_shape[-1] not in (1, 3):
+        raise UserError(f"this run trained on {spec.pixels} images of shape "
+                        f"{spec.image_shape}: image files can't be converted for it; use "
+                        "load_model(workdir).predict(images) in Python")
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -61,7 +69,8 @@ def image_to_input(path: str | os.PathLike) -> np.ndarray:
                 rgba = img.convert("RGBA")
                 img = Image.new("RGBA", rgba.size, "white")
                 img.alpha_composite(rgba)
-            gray = np.asarray(img.convert("L"), np.uint8)
+            colour = spec.image_shape[-1] == 3
+            gray = np.asarray(img.convert("RGB" if colour else "L"), np.uint8)
     except UserError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
@@ -69,15 +78,17 @@ def image_to_input(path: str | os.PathLike) -> np.ndarray:
     except OSError as e:
         raise UserError(f"{path} cannot be read as an image ({e})")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if border.mean() > 127:
+    if not colour and border.mean() > 127:  # light on black, as the IDX data sets
         gray = 255 - gray
-    h, w = gray.shape
+    h, w = gray.shape[:2]
     side = max(h, w)
-    square = np.zeros((side, side), np.uint8)
+    square = np.zeros((side, side, *gray.shape[2:]), np.uint8)
     square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
-    if side == 28:
+    height, width = spec.image_shape[:2]
+    if square.shape[:2] == (height, width):
         return square
-    return np.asarray(Image.fromarray(square).resize((28, 28), Image.LANCZOS), np.uint8)
+    return np.asarray(Image.fromarray(square).resize((width, height), Image.LANCZOS),
+                      np.uint8)
 
 
 def _parser() -> _Parser:
@@ -92,7 +103,8 @@ def _parser() -> _Parser:
                              "run's model")
     parser.add_argument("--test_index", type=int, action="append", default=[],
                         help="classify test image N (repeatable)")
-    parser.add_argument("--data_dir", default="", help="Fashion-MNIST files, for --test_index")
+    parser.add_argument("--data_dir", default="", help="the run's data set files, for "
+                        "--test_index (empty: as for training)")
     parser.add_argument("--top", type=int, default=1, help="classes shown per image")
     return parser
 
@@ -104,19 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         if not args.images and not args.test_index:
             raise UserError("give image files and/or --test_index=N")
         names, inputs, truth = [], [], []
+        model = load_model(args.workdir, step=args.step, best=args.best)
+        spec = model.spec
         for path in args.images:
-            inputs.append(image_to_input(path))
+            inputs.append(image_to_input(path, spec).reshape(spec.image_shape))
             names.append(path)
             truth.append(None)
         if args.test_index:
-            test = load_dataset(args.data_dir or None, validation_size=0).test
+            config = read_run(Path(args.workdir))[0]
+            if spec.name not in IDX_DATASETS and config.data_source != "tfds":
+                raise UserError(f"--test_index: {args.workdir} trained on arrays given to "
+                                "fit, which the command line cannot load")
+            test = load_test_split(config, args.data_dir or None)
             for i in args.test_index:
                 if not 0 <= i < len(test.labels):
                     raise UserError(f"--test_index={i} must be in [0, {len(test.labels)})")
-                inputs.append(test.images[i, ..., 0])
+                inputs.append(test.images[i])
                 names.append(f"test[{i}]")
-                truth.append(CLASS_NAMES[test.labels[i]])
-        model = load_model(args.workdir, step=args.step, best=args.best)
+                truth.append(spec.class_names[test.labels[i]])
         probs = model.predict(np.stack(inputs))
     except UserError as e:
         print(f"fmnist-predict: error: {e}", file=sys.stderr)
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, p, true in zip(names, probs, truth):
             top = np.argsort(-p)[:max(args.top, 1)]
-            guesses = ", ".join(f"{CLASS_NAMES[k]} {100 * p[k]:.1f}%" for k in top)
+            guesses = ", ".join(f"{spec.class_names[k]} {100 * p[k]:.1f}%" for k in top)
             suffix = "" if true is None else f"  (true: {true})"
             print(f"{name}: {guesses}{suffix}", flush=True)
     except BrokenPipeError:  # ``fmnist-predict ... | head``: the reader has what it wanted

@@ -17,7 +17,7 @@ import numpy as np
 
 from fmnist_jax import files, parallel, plots
 from fmnist_jax.config import Config
-from fmnist_jax.data import CLASS_NAMES, Split
+from fmnist_jax.data import DataSpec, Split
 from fmnist_jax.metrics import JsonlWriter, TensorBoardWriter
 
 
@@ -34,7 +34,7 @@ def process_age() -> float:
     boot) against ``CLOCK_BOOTTIME``: exact to a tick (10 ms). ``psutil``'s ``create_time``
     adds the start to the boot time of ``/proc/stat``, which is truncated to a whole
     second, so its age is too long by up to a second, the same for every process of a boot
-    (0.72 s on the machine where this was found: a run seemed to end before its test).
+    (enough to make a run seem to end before its test; experiments/README.md).
     Elsewhere ``psutil``'s; without it, seconds since this module was imported.
     """
     try:
@@ -70,7 +70,7 @@ class Reporter:
         log(line + (f"; writing to {self.out}" if self.out else ""))
         self.steps_per_epoch = steps_per_epoch
 
-    def open(self, progress, custom: dict) -> None:
+    def open(self, progress, custom: dict, spec: DataSpec) -> None:
         """Writes config.json and the history so far; opens the metric files; starts the
         first epoch's progress bar."""
         self.timings["training_starts_s"] = process_age()
@@ -79,7 +79,8 @@ class Reporter:
         if self.out is None:
             return
         files.write_json(self.out / "config.json",
-                         {**self.config.to_dict(), **({"custom": custom} if custom else {})})
+                         {**self.config.to_dict(), **({"custom": custom} if custom else {}),
+                          "data": spec.to_dict()})
         files.write_jsonl(self.out / "metrics.jsonl", history)
         self.writers.append(JsonlWriter(self.out / "metrics.jsonl", append=True))
         if self.config.tensorboard:
@@ -110,9 +111,12 @@ class Reporter:
             log(f"early stopping: no {self.config.monitor} improvement for "
                 f"{self.config.patience} epochs; the run's model is epoch "
                 f"{event.progress.best_epoch}'s")
+        elif event.progress.stopped_by:
+            log(f"training stopped by a callback ({event.progress.stopped_by}) after epoch "
+                f"{record['epoch']}")
 
     def finish(self, summary: dict, test: Split, logits: np.ndarray,
-               history: list[dict]) -> None:
+               history: list[dict], class_names: tuple[str, ...]) -> None:
         """Prints the test result; writes summary.json and the plots."""
         log(f"test: loss {summary['test_loss']:.4f}, accuracy "
             f"{100 * summary['test_accuracy']:.2f}% ({summary['test_count']} images); "
@@ -124,7 +128,7 @@ class Reporter:
             probabilities = np.exp(logits - logits.max(-1, keepdims=True))
             probabilities /= probabilities.sum(-1, keepdims=True)
             names = plots.write_run_plots(self.out, history, test.images, test.labels,
-                                          probabilities, CLASS_NAMES, summary["model"],
+                                          probabilities, class_names, summary["model"],
                                           train_loss_label(self.config, summary["loss"]))
             log(f"plots: {', '.join(str(self.out / n) for n in names)}")
 

@@ -29,9 +29,12 @@ from flax import nnx
 
 from fmnist_jax.kernels import cpu_compiler_options
 
-# Training-set statistics of Fashion-MNIST (pixel mean 72.94, std 90.02 out of 255).
-PIXEL_MEAN = 72.9404 / 255.0
-PIXEL_STD = 90.0212 / 255.0
+from fmnist_jax.data import PIXEL_MEAN, PIXEL_STD
+
+# Per-channel pixel mean and standard deviation (of pixels / 255): Fashion-MNIST's by
+# default, else those of the run's data (fmnist_jax.data.DataSpec).
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]
+FASHION_MNIST_STATISTICS: Statistics = ((PIXEL_MEAN,), (PIXEL_STD,))
 
 LOSSES = ("sparse", "categorical")
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -94,9 +97,12 @@ def inference_variables(state: TrainState) -> dict:
     return {**weights, "rngs": state.rngs}
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """Pixels (uint8, or float from 0 to 255) to standardised float32."""
-    return (images.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+def normalize(images: jax.Array, statistics: Statistics = FASHION_MNIST_STATISTICS
+              ) -> jax.Array:
+    """Pixels ``(..., C)`` (uint8, or floats in the units of ``statistics``) to standardised
+    float32, channel by channel."""
+    mean, std = (jnp.asarray(v, jnp.float32) for v in statistics)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, loss: str = "sparse",
@@ -131,8 +137,13 @@ def _merge(graphdef, variables: dict) -> nnx.Module:
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_fn: LossFn, ema_decay: float = 0.0,
-               augment: Callable | None = None) -> tuple[TrainState, dict]:
-    """One optimizer step. Returns the new state and the batch's mean loss and accuracy.
+               augment: Callable | None = None, accumulate_steps: int = 1,
+               statistics: Statistics = FASHION_MNIST_STATISTICS
+               ) -> tuple[TrainState, dict]:
+    """One training step. Returns the new state and the batch's mean loss and accuracy.
+    ``state.step`` counts these steps; with ``accumulate_steps`` = N (``tx`` an
+    ``optax.MultiSteps``) the weights change every N-th step, and so do their moving
+    averages.
 
     The model runs in training mode (``model.train()``), as ``model(images)``; dropout
     draws from the model's own RNG streams, which advance in the state. The model computes
@@ -145,7 +156,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     images = batch["image"].astype(jnp.float32)
     if augment:
         images = augment(images, jax.random.fold_in(state.rng, state.step))
-    images = normalize(images)
+    images = normalize(images, statistics)
 
     def objective(params, rngs, model_state):
         model = _merge(graphdef, {"params": params, "rngs": rngs,
@@ -165,15 +176,21 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     ema = state.ema
     if ema is not None:
-        ema = _update_ema(ema, {"params": params, "model_state": model_state},
-                          ema_decay_at(state.step, ema_decay))
+        updates_done = state.step // accumulate_steps  # 0-based index of this update
+        moved = _update_ema(ema, {"params": params, "model_state": model_state},
+                            ema_decay_at(updates_done, ema_decay))
+        if accumulate_steps > 1:  # an update happens at the last micro-batch of N
+            updated = (state.step + 1) % accumulate_steps == 0
+            moved = jax.tree.map(lambda new, old: jnp.where(updated, new, old), moved, ema)
+        ema = moved
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               rngs=rngs, opt_state=opt_state, ema=ema)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-              tta_flip: bool = False, tta_shift: bool = False) -> jax.Array:
+              tta_flip: bool = False, tta_shift: bool = False,
+              statistics: Statistics = FASHION_MNIST_STATISTICS) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
     mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
     (:func:`inference_variables`).
@@ -182,13 +199,12 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     during training, ``fmnist-evaluate``, ``fmnist-predict`` and ``Result.predict``; loss
     and accuracy are computed from its logits (:func:`fmnist_jax.metrics.classification`).
     With test-time augmentation the logits are the mean over :func:`tta_views`, computed
-    one view after another (``lax.scan``), so memory holds one view's activations: with all
-    9 views at once, ``fmnist-evaluate`` of a ``best_cpu_long`` run peaked at 963 MB, one
-    at a time at 557 MB (and 29 s instead of 34).
+    one view after another (``lax.scan``), so memory holds one view's activations: a lower
+    peak than all views at once, and no slower (figures in experiments/README.md).
     """
     model = _merge(graphdef, variables)
     model.eval()
-    logits = lambda v: model(normalize(v)).astype(jnp.float32)  # noqa: E731
+    logits = lambda v: model(normalize(v, statistics)).astype(jnp.float32)  # noqa: E731
     views = tta_views(images, flip=tta_flip, shift=tta_shift)
     if len(views) == 1:
         return logits(images)
@@ -216,11 +232,13 @@ def tta_views(images: jax.Array, *, flip: bool = False, shift: bool = False) -> 
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-                 tta_flip: bool = False, tta_shift: bool = False) -> jax.Array:
+                 tta_flip: bool = False, tta_shift: bool = False,
+                 statistics: Statistics = FASHION_MNIST_STATISTICS) -> jax.Array:
     """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
     logits ``(batches, batch, 10)``."""
     return jax.lax.map(lambda batch: eval_step(variables, batch, graphdef=graphdef,
-                                               tta_flip=tta_flip, tta_shift=tta_shift),
+                                               tta_flip=tta_flip, tta_shift=tta_shift,
+                                               statistics=statistics),
                        images)
 
 
@@ -266,7 +284,8 @@ class Steps(NamedTuple):
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                *, replicated=None, ema_decay: float = 0.0,
                augment: Callable | None = None, tta_flip: bool = False,
-               tta_shift: bool = False) -> Steps:
+               tta_shift: bool = False, accumulate_steps: int = 1,
+               statistics: Statistics = FASHION_MNIST_STATISTICS) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
     ``tta_flip`` and ``tta_shift`` (see :func:`tta_views`) apply to ``eval_step`` and
     ``eval_batches``, not to ``monitor_batches``.
@@ -275,11 +294,13 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
     mesh, so that the outputs of one call fit the inputs of the next without recompiling.
     """
     train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
-                              ema_decay=ema_decay, augment=augment)
+                              ema_decay=ema_decay, augment=augment,
+                              accumulate_steps=accumulate_steps, statistics=statistics)
     pinned = {} if replicated is None else {"out_shardings": replicated}
     options = {"donate_argnums": 0, "compiler_options": cpu_compiler_options(), **pinned}
-    evals = make_eval_steps(graphdef, tta_flip, tta_shift)
-    monitor = make_eval_steps(graphdef) if tta_flip or tta_shift else evals
+    evals = make_eval_steps(graphdef, tta_flip, tta_shift, statistics)
+    monitor = make_eval_steps(graphdef, statistics=statistics) if tta_flip or tta_shift \
+        else evals
     return Steps(
         train_step=jax.jit(train, **options),
         train_scan=jax.jit(functools.partial(scan_train_steps, step_fn=train), **options),
@@ -295,11 +316,12 @@ class EvalSteps(NamedTuple):
 
 
 def make_eval_steps(graphdef: nnx.GraphDef, tta_flip: bool = False,
-                    tta_shift: bool = False) -> EvalSteps:
+                    tta_shift: bool = False,
+                    statistics: Statistics = FASHION_MNIST_STATISTICS) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
     options = {"compiler_options": cpu_compiler_options()}
     bound = {"graphdef": graphdef, "tta_flip": tta_flip,
-             "tta_shift": tta_shift}
+             "tta_shift": tta_shift, "statistics": statistics}
     return EvalSteps(
         eval_step=jax.jit(functools.partial(eval_step, **bound), **options),
         eval_batches=jax.jit(functools.partial(eval_batches, **bound), **options))

@@ -27,6 +27,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -35,11 +36,13 @@ import optax
 from flax import nnx
 
 from fmnist_jax import adapt, parallel
+from fmnist_jax import callbacks as callbacks_lib
 from fmnist_jax.build import Built, build
+from fmnist_jax.callbacks import Profiler, check_callbacks
 from fmnist_jax.checkpoints import Checkpointer, WorkdirLock, move_aside, quiet_orbax
 from fmnist_jax.cli import output_pipe_closed, parse_config, quiet_library_logs
 from fmnist_jax.config import Config
-from fmnist_jax.data import Dataset
+from fmnist_jax.data import DataSpec, Dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import Classifier
 from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, StopSignal,
@@ -64,13 +67,15 @@ class Result:
     summary: dict  # as in summary.json
     steps: Steps  # the jitted step functions, for further evaluation
     config: Config
+    spec: DataSpec = DataSpec()  # the data's image shape, classes and pixel statistics
 
     @functools.cached_property
     def classifier(self) -> Classifier:
         """The run's model, ready to classify raw images."""
         return Classifier(self.graphdef, self.variables, self.config.eval_batch_size,
                           self.summary["checkpoint_step"],
-                          "the run's model", self.config.tta_flip, self.config.tta_shift)
+                          "the run's model", self.config.tta_flip, self.config.tta_shift,
+                          self.spec)
 
     @property
     def model(self) -> nnx.Module:
@@ -78,13 +83,15 @@ class Result:
         return self.classifier.model
 
     def predict(self, images) -> np.ndarray:
-        """Class probabilities ``(N, 10)`` for uint8 (or 0-255) images ``(N, 28, 28[, 1])``."""
+        """Class probabilities ``(N, K)`` for images as the run's data had them (Fashion-MNIST:
+        uint8, or 0-255, ``(N, 28, 28[, 1])``)."""
         return self.classifier.predict(images)
 
 
 def fit(config: Config = Config(), *, model: nnx.Module | None = None,
         optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
-        data: Dataset | None = None, workdir: str | None = None) -> Result:
+        data: Dataset | None = None, workdir: str | None = None,
+        callbacks: Sequence = ()) -> Result:
     """Trains and evaluates; returns the run's model, the history and a summary.
 
     ``model``, ``optimizer`` and ``loss_fn`` replace the named ones of ``config``: any
@@ -95,11 +102,12 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
     receives the run's model (the weights the summary reports) in eval mode. ``data``
     replaces loading Fashion-MNIST. ``workdir`` (default ``config.workdir``; empty writes
     nothing) receives the run's files and checkpoints; if it holds checkpoints of the same
-    run, training resumes from them.
+    run, training resumes from them. ``callbacks``: objects with any of Keras's
+    ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end`` and ``on_train_end``
+    (:mod:`fmnist_jax.callbacks`); one may raise :class:`~fmnist_jax.callbacks.StopTraining`.
     """
-    config.validate()
+    workdir = _checked(config, workdir, callbacks)
     started = time.perf_counter()
-    workdir = workdir if workdir is not None else config.workdir
     with _jax_settings(config), quiet_orbax(), StopSignal() as stop:
         devices = parallel.setup(config.distributed)
         config = config.for_backend(jax.default_backend())
@@ -109,15 +117,19 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
             built = build(config, devices, model=model, optimizer=optimizer,
                           loss_fn=loss_fn, data=data)
             reporter = Reporter(out, config)
-            checkpointer = _checkpointer(out, config, started)
+            checkpointer = _checkpointer(out, config, started, built.spec)
             try:
                 reporter.start(built.describe(config, devices), built.pipeline.steps_per_epoch)
                 state, progress = _resume(checkpointer, built.state, config)
-                reporter.open(progress, built.custom)
-                hooks = [h for h in (checkpointer, reporter, _StopCheck(out, built, stop)) if h]
+                reporter.open(progress, built.custom, built.spec)
+                profiler = (Profiler(out / "profile", config.profile_steps)
+                            if config.profile_steps else None)
+                hooks = [h for h in (checkpointer, reporter, profiler,
+                                     _StopCheck(out, built, stop)) if h]
                 trainer = Trainer(built, config, hooks, stop, started,
-                                  keep_best=bool(config.patience) and checkpointer is None)
-                state = _train(trainer, state, progress, checkpointer)
+                                  keep_best=bool(config.patience) and checkpointer is None,
+                                  callbacks=callbacks)
+                state = _train(trainer, state, progress, checkpointer, profiler)
             except BaseException:
                 reporter.abandon()
                 if checkpointer:
@@ -130,7 +142,19 @@ def fit(config: Config = Config(), *, model: nnx.Module | None = None,
                              checkpointer)
     if isinstance(model, nnx.Module):  # the caller's module gets the run's model
         adapt.give_back(model, result.variables)
+    callbacks_lib.call(callbacks, "on_train_end", dict(result.summary))
     return result
+
+
+def _checked(config: Config, workdir: str | None, callbacks: Sequence) -> str:
+    """The run's workdir, once the config and the callbacks passed their checks."""
+    config.validate()
+    check_callbacks(callbacks)
+    workdir = workdir if workdir is not None else config.workdir
+    if config.profile_steps and not workdir:
+        raise UserError("--profile_steps writes its trace into the workdir: give --workdir "
+                        "(fit(..., workdir=...))")
+    return workdir
 
 
 @contextlib.contextmanager
@@ -156,13 +180,14 @@ def _jax_settings(config: Config):
         jax.config.update("jax_debug_nans", saved)
 
 
-def _checkpointer(out: Path | None, config: Config, started: float) -> Checkpointer | None:
+def _checkpointer(out: Path | None, config: Config, started: float, spec: DataSpec
+                  ) -> Checkpointer | None:
     if out is None:
         return None
     if config.fresh and parallel.is_main_process() and (moved := move_aside(out)):
         log(f"--fresh: moved the previous run's files to {moved}")
     parallel.sync("fresh")
-    return Checkpointer(out, config, started)
+    return Checkpointer(out, config, started, spec.to_dict())
 
 
 def _resume(checkpointer: Checkpointer | None, state: TrainState, config: Config
@@ -185,8 +210,9 @@ def _resume(checkpointer: Checkpointer | None, state: TrainState, config: Config
 
 
 def _train(trainer: Trainer, state: TrainState, progress: Progress,
-           checkpointer: Checkpointer | None) -> TrainState:
-    """The loop; a non-finite loss sets its checkpoints aside and stops with one line."""
+           checkpointer: Checkpointer | None, profiler: Profiler | None) -> TrainState:
+    """The loop; a non-finite loss sets its checkpoints aside and stops with one line; a
+    trace still running ends with it."""
     try:
         return trainer.run(state, progress)
     except NonFiniteLoss as e:
@@ -198,6 +224,9 @@ def _train(trainer: Trainer, state: TrainState, progress: Progress,
             f"this model and optimizer (--learning_rate={trainer.config.learning_rate:g}); "
             "lower it, add --clip_grad_norm=1, or run with --debug_nans to find the first "
             "operation that makes a NaN") from None
+    finally:
+        if profiler:
+            profiler.close()
 
 
 def _close(checkpointer: Checkpointer | None, stop: StopSignal, out: Path | None) -> None:
@@ -253,8 +282,10 @@ def _finish(built: Built, config: Config, state: TrainState, progress: Progress,
     test, logits = evaluate(built, state, "test", variables)
     summary = _summary(built, config, state, progress, test, final or {}, step, reporter,
                        started)
-    reporter.finish(summary, built.pipeline.split("test"), logits, history)
-    return Result(state, built.graphdef, variables, history, summary, built.steps, config)
+    reporter.finish(summary, built.pipeline.split("test"), logits, history,
+                    built.spec.class_names)
+    return Result(state, built.graphdef, variables, history, summary, built.steps, config,
+                  built.spec)
 
 
 def _runs_model(built: Built, config: Config, state: TrainState, progress: Progress,
@@ -290,6 +321,7 @@ def _summary(built: Built, config: Config, state: TrainState, progress: Progress
         "val_loss": final.get("val_loss"),
         "train_accuracy": history[-1]["train_accuracy"] if history else None,
         "epochs": len(history), "best_epoch": progress.best_epoch or len(history),
+        "stopped_early": progress.stopped_early, "stopped_by": progress.stopped_by,
         "steps": history[-1]["step"] if history else int(state.step),
         # The weights the test and validation figures were measured with: those of this
         # step (the best epoch's under early stopping, else the last), their moving

@@ -30,7 +30,14 @@ def tune_command_line(compilation_cache: bool) -> None:
     if compilation_cache:  # first: the check of unroll_threefry_on_cpu compiles
         enable_compilation_cache()
     unroll_threefry_on_cpu()
-    jax.monitoring.register_event_duration_secs_listener(trim_after_compiling)
+    _listen(trim_after_compiling)
+
+
+@functools.cache
+def _listen(listener) -> None:
+    """Registers a JAX monitoring listener once per process, however often a tool's
+    ``main`` runs in it."""
+    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 def enable_compilation_cache() -> None:

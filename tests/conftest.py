@@ -143,9 +143,10 @@ def use_synthetic(synthetic_dir, monkeypatch) -> Path:
     """In this process: the generated set in place of Fashion-MNIST."""
     from fmnist_jax import data
 
-    files = DatasetFiles(*(IdxFile(**f) for f in json.loads(
-        (synthetic_dir / "spec.json").read_text())))
+    files = dataclasses.replace(data.FASHION_MNIST, **dict(zip(data.FILE_FIELDS, (
+        IdxFile(**f) for f in json.loads((synthetic_dir / "spec.json").read_text())))))
     monkeypatch.setattr(data, "FASHION_MNIST", files)
+    monkeypatch.setitem(data.IDX_DATASETS, "fashion_mnist", files)
     monkeypatch.setenv("FMNIST_DATA_DIR", str(synthetic_dir))
     return synthetic_dir
 

@@ -12,6 +12,7 @@ the command line, signals, exit status) is the real code path.
 of step N or later.
 """
 
+import dataclasses
 import json
 import os
 import runpy
@@ -23,7 +24,11 @@ from fmnist_jax import data
 def use(directory: str) -> None:
     """Makes ``directory``'s generated set the data set of this process."""
     with open(os.path.join(directory, "spec.json")) as f:
-        data.FASHION_MNIST = data.DatasetFiles(*(data.IdxFile(**f) for f in json.load(f)))
+        files = [data.IdxFile(**f) for f in json.load(f)]
+    # Fashion-MNIST's everything else (name, classes, pixel statistics), these files
+    data.FASHION_MNIST = dataclasses.replace(data.FASHION_MNIST, **dict(zip(data.FILE_FIELDS,
+                                                                           files)))
+    data.IDX_DATASETS["fashion_mnist"] = data.FASHION_MNIST
     if os.environ.get("FMNIST_DATA_DIR") != "":  # set but empty: look around, download
         os.environ["FMNIST_DATA_DIR"] = directory
 

@@ -124,3 +124,14 @@ def test_bad_value_in_a_subprocess():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("fmnist-train: error: --learning_rate must be positive "
                                      "(got learning_rate=-1.0)")
+
+
+def test_process_tuning_registers_its_listener_once():
+    """``main`` may run many times in one process (tests, a notebook): the heap-trim
+    listener is registered once."""
+    code = ("from jax._src import monitoring as m; from fmnist_jax.tuning import "
+            "tune_command_line as t; n = len(m.get_event_duration_listeners()); "
+            "t(False); t(False); t(True); print(len(m.get_event_duration_listeners()) - n)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split()[-1] == "1"
