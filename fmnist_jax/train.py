@@ -50,7 +50,7 @@ from fmnist_jax.loop import (Interrupted, NonFiniteLoss, Preempted, Progress, St
 from fmnist_jax.metrics import prepare_workdir, remove_if_unused
 from fmnist_jax.report import Reporter, log, process_age
 from fmnist_jax.steps import LossFn, Steps, TrainState, inference_variables
-from fmnist_jax.tuning import enable_compilation_cache, exit_now, tune_command_line
+from fmnist_jax.tuning import enable_compilation_cache, tune_command_line
 
 __all__ = ["Interrupted", "Preempted", "Result", "enable_compilation_cache", "fit", "main",
            "train_and_evaluate"]
@@ -405,9 +405,8 @@ def _with_workdir(argv: list[str], e: Preempted) -> list[str]:
 
 
 def command() -> None:
-    """``fmnist-train`` and ``python -m fmnist_jax.train``: :func:`main`, then the process
-    ends at once (:func:`fmnist_jax.tuning.exit_now`)."""
-    exit_now(main())
+    """``fmnist-train`` and ``python -m fmnist_jax.train``."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

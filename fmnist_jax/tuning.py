@@ -5,18 +5,13 @@ siblings do to the process they own. Nothing here runs on ``import fmnist_jax`` 
 
 - :func:`enable_compilation_cache`: JAX's persistent compilation cache (``--compilation_cache``);
 - :func:`trim_after_compiling`: the heap XLA's compiler freed handed back to the system;
-- :func:`unroll_threefry_on_cpu`: ``jax.random``'s hash compiled without its loop on a CPU;
-- :func:`exit_now`: the process ends once its files are closed, without Python's teardown.
+- :func:`unroll_threefry_on_cpu`: ``jax.random``'s hash compiled without its loop on a CPU.
 """
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
-import os
-import sys
-import typing
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +47,9 @@ def enable_compilation_cache() -> None:
 def trim_after_compiling(event: str, seconds: float, **_) -> None:
     """A JAX monitoring listener: after an XLA compilation of a second or more, before the
     program runs, glibc's ``malloc_trim`` gives the heap's free pages back to the system.
-    XLA:CPU's compiler frees most of what it allocates, but glibc keeps it resident: ~350
-    MB after the ResNet's training step, under the buffers its run then allocates. Peak
-    RSS of 20-step runs on 2 cores: resnet 1,472-1,480 MB without the trim, 1,158-1,170
-    with it; cnn 712 -> 605, cnn_seed 715 -> 651. Each trim takes 10-60 ms; without glibc
-    (macOS, musl) nothing happens."""
+    XLA:CPU's compiler frees most of what it allocates, but glibc keeps it resident, under
+    the buffers the run then allocates (CONTRIBUTING.md gives the peak-RSS figures).
+    Without glibc (macOS, musl) nothing happens."""
     if event == "/jax/core/compile/backend_compile_duration" and seconds >= 1.0:
         trim = getattr(_libc(), "malloc_trim", None)
         if trim is not None:
@@ -91,8 +84,8 @@ def unroll_threefry_on_cpu() -> bool:
     """Compiles ``jax.random``'s Threefry hash for the CPU as straight-line code instead of
     JAX's loop of 5 rounds (public API: ``jax.extend.random.threefry2x32_p`` and
     ``jax.interpreters.mlir``); the bits are the same. XLA:CPU runs each round of the loop
-    as separate kernels: the seed MLP's step, whose dropout draws a mask per layer, took
-    0.233 ms with the loop and 0.197 ms unrolled on 2 cores.
+    as separate kernels, in every training step that draws dropout masks or augmentation
+    (CONTRIBUTING.md gives the whole-run figure).
 
     A change of JAX's process-wide lowering table, so it is never done on import: the
     command-line tools call it; a program of yours may. First it checks that this hash
@@ -113,36 +106,3 @@ def unroll_threefry_on_cpu() -> bool:
     except Exception:  # noqa: BLE001 - any change upstream: keep JAX's own rule
         return False
     return True
-
-
-def exit_now(code: int) -> typing.NoReturn:
-    """Ends a command-line tool's process with ``code`` once its work is done and its files
-    are closed: the exit hooks run (``atexit``: logging, JAX's), Python's teardown of every
-    module and object does not. That teardown (JAX's CPU client among them) took 0.7 s after
-    every training run on 2 CPU cores, 6% of a 10-epoch seed-MLP run. A failure (``code``
-    not 0), a run of several processes (``jax.distributed``), a process under a profiler,
-    tracer or coverage tool (which report at exit), or a Python without
-    ``atexit._run_exitfuncs`` exits the usual way."""
-    jax = sys.modules.get("jax")
-    run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
-    if (code != 0 or run_exit_hooks is None or _observed()
-            or (jax is not None and jax.process_count() > 1)):
-        sys.exit(code)
-    run_exit_hooks()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
-    os._exit(code)
-
-
-def _observed() -> bool:
-    """Whether a profiler, tracer or coverage tool watches this process (``cProfile``,
-    ``trace``, ``coverage``: ``sys.setprofile``/``settrace``, or ``sys.monitoring`` on
-    Python 3.12+)."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        return True
-    monitoring = getattr(sys, "monitoring", None)
-    return monitoring is not None and any(monitoring.get_tool(i) is not None
-                                          for i in range(6))
