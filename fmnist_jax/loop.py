@@ -227,10 +227,9 @@ def _send_again_soon(signum: int) -> None:
 class Trainer:
     """Trains ``built`` (:class:`fmnist_jax.build.Built`) epoch by epoch, calling
     ``hooks`` (objects with ``after_dispatch(event)`` and ``after_epoch(event)``) in order,
-    and the user's
-    ``callbacks`` (:mod:`fmnist_jax.callbacks`): each epoch's ``on_epoch_end`` runs before
-    the hooks' ``after_epoch``, so that the checkpoint saved then knows whether a callback
-    stopped training."""
+    and the user's ``callbacks`` (:mod:`fmnist_jax.callbacks`): each epoch's
+    ``on_epoch_end`` runs before the hooks' ``after_epoch``, so that the checkpoint saved
+    then knows whether a callback stopped training."""
 
     def __init__(self, built, config: Config, hooks: Sequence, stop: StopSignal,
                  started: float, keep_best: bool, callbacks: Sequence = ()):
