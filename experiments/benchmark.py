@@ -3,6 +3,7 @@
     make peers                                  # once: .venv-peers with torch and keras
     python experiments/benchmark.py             # everything (~40 min on 2 CPU cores)
     python experiments/benchmark.py --only=mlp_seed,cnn_seed --repeats=2
+    python experiments/benchmark.py --only=pytorch_epoch --records=cnn,best_cpu --seeds=0,1,2
 
 Every run is its own process, one at a time, on the same data and the same CPU, and is
 timed from launch to exit (what a user waits for). Measured:
@@ -23,6 +24,14 @@ timed from launch to exit (what a user waits for). Measured:
 - ``--run_args``: a run timed as a user runs it (e.g. ``--run_args=--preset=best_cpu``):
   no test evaluation per epoch; its final test result (with the run's test-time
   augmentation) counts for the targets, at the process age it was printed.
+- ``--records=cnn,best_cpu,...``: the record table's rows, for each preset (and each of
+  ``--seeds``): process start to each target, as ``time_to_accuracy`` measures it, with the
+  seconds of the benchmark's own per-epoch test evaluations taken off (what the user's run
+  of ``python -m fmnist_jax.train --preset=NAME`` would take to that epoch), then the
+  run's final result (with its test-time augmentation) and its whole process; printed as
+  markdown rows with the date, machine and versions.
+- ``pytorch_epoch``: the PyTorch seed CNN alone, for the unit, when ``cnn_seed`` (which
+  also runs ours and Keras) is not wanted.
 - ``plots``: seconds from the test result to the end of the process (plots, exit), from
   the seed runs above.
 - ``rss``: peak RSS of every preset, on a run cut to 20 training steps and both
@@ -129,26 +138,35 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
     at the run's final test result (with the run's test-time augmentation, if any)."""
     run = _ours(["--test_every_epoch", *extra] if every_epoch else extra, source=source)
     summary = run["summary"]
+    # The per-epoch test evaluations are the benchmark's, not the run's: their seconds,
+    # summed up to each epoch, are taken off its process age.
+    extra_s, spent = [], 0.0
+    for r in run["records"]:
+        spent += r.get("test_eval_s", 0.0)
+        extra_s.append(spent)
     final = {"process_age_s": summary["test_done_s"], "epoch": "final",
              "test_accuracy": summary["test_accuracy"]}
     reached = {}
     for target in targets:
-        record = next((r for r in [*run["records"], final]
-                       if r.get("test_accuracy", 0) >= target), None)
+        i, record = next(((i, r) for i, r in enumerate([*run["records"], final])
+                          if r.get("test_accuracy", 0) >= target), (None, None))
+        seconds = None if record is None else \
+            record["process_age_s"] - (extra_s[min(i, len(extra_s) - 1)] if extra_s else 0)
         reached[str(target)] = None if record is None else {
-            "seconds": record["process_age_s"], "epoch": record["epoch"],
-            "pytorch_epochs": (record["process_age_s"] / pytorch_epoch
-                               if pytorch_epoch else None)}
+            "seconds": seconds, "epoch": record["epoch"],
+            "pytorch_epochs": seconds / pytorch_epoch if pytorch_epoch else None}
+    wall = run["wall_s"] - (extra_s[-1] if extra_s else 0.0)
     return {"args": extra, "source": str(source), "every_epoch": every_epoch,
             "reached": reached,
             "pytorch_epoch_s": pytorch_epoch,
-            "wall_pytorch_epochs": run["wall_s"] / pytorch_epoch if pytorch_epoch else None,
+            "wall_pytorch_epochs": wall / pytorch_epoch if pytorch_epoch else None,
             "per_epoch": [(r["epoch"], r.get("process_age_s"), r.get("test_accuracy"),
                            r.get("val_accuracy"), round(r["epoch_time_s"], 2))
                           for r in run["records"]],
             "final_test_accuracy": summary["test_accuracy"],
             "final_val_accuracy": summary["val_accuracy"],
-            "wall_s": run["wall_s"], "peak_rss_mb": summary["peak_rss_mb"]}
+            "wall_s": wall, "test_evaluations_s": extra_s[-1] if extra_s else 0.0,
+            "peak_rss_mb": summary["peak_rss_mb"]}
 
 
 RSS_SCRIPT = """
@@ -207,6 +225,12 @@ def main() -> None:
                         help="flags of a run timed as a user runs it (no test evaluation "
                              "per epoch; its final test result is what counts), e.g. "
                              "--run_args=--preset=best_cpu; repeatable")
+    parser.add_argument("--records", default="",
+                        help="presets for the record table, comma-separated (e.g. "
+                             "cnn,best_cpu): each run with the test split evaluated after "
+                             "every epoch, those evaluations' seconds taken off its times")
+    parser.add_argument("--seeds", default="0",
+                        help="the seeds of each --records preset, comma-separated")
     parser.add_argument("--pytorch_epoch_s", type=float, default=0.0,
                         help="the PyTorch seed-CNN epoch to divide by, when cnn_seed is "
                              "not part of this run")
@@ -221,6 +245,10 @@ def main() -> None:
         else None
     results = {"machine": _machine(), "args": vars(args)}
     parts = args.only.split(",")
+    if "pytorch_epoch" in parts and peers:
+        out = _peer(peers, "torch", "cnn", args.cnn_epochs, SEEDS["cnn_seed"][2])
+        results["pytorch_epoch"] = {**_epochs(out["epoch_times_s"], SEEDS["cnn_seed"][2]),
+                                    "wall_s": out["wall_s"]}
     for part in (p for p in ("mlp_seed", "cnn_seed") if p in parts):
         epochs = args.mlp_epochs if part == "mlp_seed" else args.cnn_epochs
         results[part] = [seed_model(part, epochs, peers, before) for _ in range(args.repeats)]
@@ -237,6 +265,14 @@ def main() -> None:
             time_to_accuracy(targets, extra.split(),
                              args.pytorch_epoch_s or pytorch_epoch(results), False)
             for extra in args.run_args]
+    if args.records:
+        results["records"] = []
+        for name in args.records.split(","):
+            for seed in args.seeds.split(","):
+                results["records"].append(time_to_accuracy(
+                    targets, [f"--preset={name}", f"--seed={seed}"],
+                    args.pytorch_epoch_s or pytorch_epoch(results)))
+                Path(args.out).write_text(json.dumps(results, indent=2))
     if "rss" in parts:
         results["rss"] = rss()
     if "startup" in parts:
@@ -247,9 +283,43 @@ def main() -> None:
 
 def pytorch_epoch(results: dict) -> float | None:
     """The steady-state epoch of the seed CNN in PyTorch, median over the repeats."""
+    if "pytorch_epoch" in results:
+        return results["pytorch_epoch"]["s_per_epoch"]
     epochs = [r["rows"]["torch"]["s_per_epoch"] for r in results.get("cnn_seed", [])
               if "s_per_epoch" in r["rows"].get("torch", {})]
     return statistics.median(epochs) if epochs else None
+
+
+def record_rows(results: dict) -> str:
+    """The record table's rows (markdown): for each preset and seed, process start to each
+    target test accuracy and to exit, in seconds and in PyTorch epochs."""
+    import datetime
+
+    import jax
+
+    targets = list(results["records"][0]["reached"])
+    machine = results["machine"]
+    pe = results["records"][0]["pytorch_epoch_s"]
+    lines = [f"{datetime.date.today()}, {machine['cores']} cores of {machine['cpu']}, "
+             f"Python {machine['python']}, jax {jax.__version__}; PyTorch epoch "
+             + (f"{pe:.2f} s" if pe else "not timed") + "; seconds (PyTorch epochs) from "
+             "launch, the benchmark's own test evaluations taken off\n",
+             "| command | " + " | ".join(f"{100 * float(t):g}% test" for t in targets)
+             + " | final test | whole process |",
+             "|---|" + "---|" * (len(targets) + 2)]
+
+    def cell(seconds, pytorch_epochs):
+        return f"{seconds:.0f} s" + (f" ({pytorch_epochs:.2f})" if pytorch_epochs else "")
+
+    for r in results["records"]:
+        cells = ["—" if got is None else cell(got["seconds"], got["pytorch_epochs"])
+                 + ("" if got["epoch"] == "final" else f", epoch {got['epoch']}")
+                 for got in r["reached"].values()]
+        lines.append(f"| `python -m fmnist_jax.train {' '.join(r['args'])}` | "
+                     + " | ".join(cells)
+                     + f" | {100 * r['final_test_accuracy']:.2f}% | "
+                     + cell(r["wall_s"], r["wall_pytorch_epochs"]) + " |")
+    return "\n".join(lines)
 
 
 def _machine() -> dict:
@@ -280,6 +350,8 @@ def _table(results: dict) -> str:
                 lines.append(f"  {name:<16}{row['s_per_epoch']:>9.2f}{row['wall_s']:>9.1f}"
                              f"{100 * row['test_accuracy']:>9.2f}%"
                              f"{row['peak_rss_mb']:>8,.0f}MB{ratios}")
+    if "pytorch_epoch" in results:
+        lines.append(f"PyTorch seed-CNN epoch: {results['pytorch_epoch']['s_per_epoch']:.2f} s")
     for t in [*results.get("time_to_accuracy", []), *results.get("runs", [])]:
         for target, got in t["reached"].items():
             text = "not reached" if got is None else (
@@ -295,6 +367,8 @@ def _table(results: dict) -> str:
         lines.append(f"  final test {100 * t['final_test_accuracy']:.2f}%, val "
                      f"{'-' if val is None else f'{100 * val:.2f}%'}, whole process "
                      f"{t['wall_s']:.1f} s{whole}, peak RSS {t['peak_rss_mb']:,.0f} MB")
+    if results.get("records"):
+        lines.append("\n" + record_rows(results))
     if "rss" in results:
         lines.append("\npeak RSS: " + ", ".join(f"{k} {v:,.0f} MB"
                                                for k, v in results["rss"].items()))

@@ -282,7 +282,7 @@ PRESETS: dict[str, dict] = {
     # (experiments/README.md).
     "cnn_wide": dict(features=(48, 96, 192), dense=384, dropout=0.3, learning_rate=3e-3,
                      label_smoothing=0.1, epochs=20),
-    # The recipe for 94% test within 15 PyTorch epochs on 2 CPU cores (experiments/README.md,
+    # The recipe for 94% test on 2 CPU cores, in about 15 PyTorch epochs (experiments/README.md,
     # 2026-11-23), chosen on the 5,000 held-out images: our CNN with a 512-wide dense layer
     # and dropout 0.2 (688,586 parameters), random crop (2 px), label smoothing 0.1, 20
     # epochs, evaluated on the mean of 9 one-pixel translations of each image; then trained

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import optax
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta", "rmsprop", "muon")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise", "onecycle")
 
 
@@ -50,6 +50,13 @@ def _kernels_only(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _muon_axes(params):
+    """Muon's matrices: each convolution kernel (height, width, in, out) as a matrix of
+    (height x width x in) rows and ``out`` columns; every other parameter goes to Adam."""
+    conv = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+    return jax.tree.map(lambda p: conv if p.ndim == 4 else None, params)
+
+
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
                    nesterov: bool = False, weight_decay: float = 0.0,
                    clip_grad_norm: float = 0.0) -> optax.GradientTransformation:
@@ -57,7 +64,9 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
 
     ``momentum`` and ``nesterov`` apply to ``sgd``; ``adadelta`` uses the Keras constants
     (rho 0.95, epsilon 1e-7) so that the seed CNN's ``lr=1.0`` means what it meant there;
-    ``rmsprop`` uses rho 0.9 as Keras does.
+    ``rmsprop`` uses rho 0.9 as Keras does. ``muon`` orthogonalises the updates of
+    convolution kernels (Newton-Schulz, scaled to Adam's RMS so that one learning rate
+    serves both) and gives dense layers, biases and batch-norm parameters to Adam.
     """
     if name == "sgd":
         core = optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov)
@@ -67,6 +76,9 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
         core = optax.adamw(schedule, weight_decay=weight_decay, mask=_kernels_only)
     elif name == "adadelta":
         core = optax.adadelta(schedule, rho=0.95, eps=1e-7)
+    elif name == "muon":
+        core = optax.contrib.muon(schedule, consistent_rms=0.2,
+                                  muon_weight_dimension_numbers=_muon_axes)
     elif name == "rmsprop":
         core = optax.rmsprop(schedule, decay=0.9, eps=1e-7)
     else:

@@ -89,8 +89,10 @@ def test_first_step_checkpoint_is_at_the_first_boundary_at_or_after_n(tmp_path):
     assert steps == [15, 16, 26, 32, 37, 48]
 
 
-def test_resume_in_process_is_bitwise(tmp_path):
-    config = Config(epochs=3, checkpoint_every_steps=7, keep_checkpoints=100, **TINY)
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])  # muon: a partitioned state
+def test_resume_in_process_is_bitwise(tmp_path, optimizer):
+    config = Config(epochs=3, checkpoint_every_steps=7, keep_checkpoints=100,
+                    **{**TINY, "optimizer": optimizer})
     whole = fit(config, data=tiny_dataset(), workdir=str(tmp_path / "whole"))
     # As if the run had died at step 25: drop every later checkpoint. The newest left is
     # step 21, 5 steps into epoch 2 (16 steps an epoch, dispatches of 5).

@@ -28,7 +28,8 @@ def _command_flags() -> set[str]:
     parsers = [build_parser(), build_parser(evaluate.EvalConfig, presets=False),
                build_parser(export.ExportConfig, presets=False), predict._parser()]
     flags = {option for p in parsers for action in p._actions for option in action.option_strings}
-    for script in ("benchmark.py", "bench_devices.py", "optimizer_study.py", "tuning.py"):
+    for script in ("benchmark.py", "bench_devices.py", "optimizer_study.py", "tuning.py",
+                   "ablation.py"):
         usage = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--help"],
                                capture_output=True, text=True, check=True).stdout
         flags |= set(re.findall(r"--\w+", usage))

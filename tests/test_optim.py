@@ -127,3 +127,25 @@ def test_clipping():
     p = {"w": jnp.zeros((1, 2))}
     updates, _ = tx.update({"w": jnp.array([[3.0, 4.0]])}, tx.init(p), p)
     np.testing.assert_allclose(updates["w"], [[-0.6, -0.8]], rtol=1e-6)
+
+
+def test_muon_orthogonalises_convolution_kernels_and_gives_the_rest_to_adam():
+    """A convolution kernel's update, as a (3 x 3 x in) by out matrix, has its singular
+    values pulled together (Newton-Schulz) at 0.2 x lr x sqrt(max(fan-in, fan-out)) RMS;
+    a dense kernel and a bias get the first step of Adam with Nesterov momentum (optax's
+    muon uses NAdam): m^ = 0.9 x 0.1 g / (1 - 0.9^2) + 0.1 g / (1 - 0.9), over |g|."""
+    grads = {"conv": jax.random.normal(jax.random.key(0), (3, 3, 8, 16)) *
+             jnp.linspace(0.1, 10.0, 16),  # columns of very different scales
+             "dense": jnp.array([[0.5, -2.0], [3.0, 1e-3]]), "bias": jnp.array([-4.0, 0.1])}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    tx = make_optimizer("muon", optax.constant_schedule(0.01))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    nadam = 0.09 / 0.19 + 1.0
+    for name in ("dense", "bias"):
+        np.testing.assert_allclose(updates[name], -0.01 * nadam * np.sign(grads[name]),
+                                   rtol=1e-4)
+    singular = np.linalg.svd(np.asarray(updates["conv"]).reshape(72, 16), compute_uv=False)
+    raw = np.linalg.svd(np.asarray(grads["conv"]).reshape(72, 16), compute_uv=False)
+    assert raw.max() / raw.min() > 100 and singular.max() / singular.min() < 2.0
+    rms = float(jnp.sqrt(jnp.mean(updates["conv"] ** 2)))
+    assert rms == pytest.approx(0.01 * 0.2, rel=0.3)

@@ -1,0 +1,44 @@
+"""The benchmark's arithmetic: time to accuracy without its own test evaluations, and the
+record table's rows."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark",
+                                                  REPO / "experiments" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch):
+    benchmark = _benchmark()
+    records = [{"epoch": 1, "process_age_s": 30.0, "test_accuracy": 0.92, "test_eval_s": 2.0,
+                "val_accuracy": 0.93, "epoch_time_s": 25.0},
+               {"epoch": 2, "process_age_s": 60.0, "test_accuracy": 0.935, "test_eval_s": 3.0,
+                "val_accuracy": 0.94, "epoch_time_s": 25.0}]
+    summary = {"test_done_s": 80.0, "test_accuracy": 0.941, "val_accuracy": 0.95,
+               "peak_rss_mb": 500.0}
+    monkeypatch.setattr(benchmark, "_ours", lambda args, source=None: {
+        "summary": summary, "records": records, "wall_s": 82.0, "after_test_s": 2.0})
+    got = benchmark.time_to_accuracy([0.93, 0.94, 0.95], ["--preset=cnn"], 40.0)
+    # 93% at epoch 2: 60 s less both epochs' 5 s of test evaluation; 94% only with the
+    # run's final result, 80 s less 5 s.
+    assert got["reached"]["0.93"] == {"seconds": 55.0, "epoch": 2, "pytorch_epochs": 1.375}
+    assert got["reached"]["0.94"] == {"seconds": 75.0, "epoch": "final",
+                                      "pytorch_epochs": 1.875}
+    assert got["reached"]["0.95"] is None
+    assert got["wall_s"] == 77.0 and got["wall_pytorch_epochs"] == 77.0 / 40.0
+
+    rows = benchmark.record_rows({"machine": {"cpu": "Some CPU", "cores": 2,
+                                              "python": "3.11.7"}, "records": [got]})
+    assert "PyTorch epoch 40.00 s" in rows
+    assert rows.splitlines()[-1] == ("| `python -m fmnist_jax.train --preset=cnn` | "
+                                     "55 s (1.38), epoch 2 | 75 s (1.88) | — | 94.10% | "
+                                     "77 s (1.93) |")
