@@ -3,11 +3,14 @@ one ingredient changed, each a whole training process, one after another.
 
     python experiments/ablation.py                          # best_cpu's ingredients
     python experiments/ablation.py --preset=best_cpu --only=recipe,no_crop --seeds=0,1
+    python experiments/ablation.py --recipe="--optimizer=muon --learning_rate=0.005 --epochs=12" \
+        --variant="adam=--optimizer=adam" --only=recipe,adam,no_crop
 
 Every run holds out the first 5,000 training images (``--validation_size=5000``, whatever
 the preset says) and never reads the test split's accuracy into the table: the choices are
 made here. For each run the table gives the validation accuracy of the run's model (with
-the recipe's test-time augmentation), of the last epoch's weights seen once per image, the
+the recipe's test-time augmentation), of the same weights seen once per image (the last
+epoch's validation), the
 whole process from launch to exit, and the median epoch; the difference to ``recipe`` in
 points and in seconds. The test-time augmentation's own row needs no run of its own: it is
 the difference between the first two columns.
@@ -41,11 +44,12 @@ VARIANTS = {
 }
 
 
-def run(preset: str, flags: list[str], seed: int) -> dict:
+def run(preset: str, recipe: list[str], flags: list[str], seed: int) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         launched = time.perf_counter()
         subprocess.run([sys.executable, "-m", "fmnist_jax.train", f"--preset={preset}",
-                        "--validation_size=5000", f"--seed={seed}", *flags, "--noprogress",
+                        *recipe, "--validation_size=5000", f"--seed={seed}", *flags,
+                        "--noprogress",
                         "--noplots", f"--workdir={workdir}"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - launched
@@ -81,6 +85,9 @@ def table(runs: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="best_cpu")
+    parser.add_argument("--recipe", default="",
+                        help="flags on top of --preset that make the recipe (space-separated); "
+                             "every variant starts from them")
     parser.add_argument("--only", default=",".join(VARIANTS),
                         help="variants, comma-separated: " + ", ".join(VARIANTS))
     parser.add_argument("--seeds", default="0", help="seeds, comma-separated")
@@ -95,8 +102,9 @@ def main() -> None:
     runs: dict[str, list] = {}
     for name in args.only.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            runs.setdefault(name, []).append(run(args.preset, VARIANTS[name], seed))
-            Path(args.out).write_text(json.dumps({"preset": args.preset, "runs": runs},
+            runs.setdefault(name, []).append(run(args.preset, args.recipe.split(), VARIANTS[name], seed))
+            Path(args.out).write_text(json.dumps({"preset": args.preset, "recipe": args.recipe,
+                                                  "runs": runs},
                                                  indent=2))
             print(f"{name} seed {seed}: {runs[name][-1]}", flush=True)
     print(table(runs))
