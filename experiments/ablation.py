@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmark import _ours  # a training process, timed, with its summary and records
 
 # Each variant: the flags that change one ingredient of the preset (best_cpu's values).
 VARIANTS = {
@@ -45,20 +41,12 @@ VARIANTS = {
 
 
 def run(preset: str, recipe: list[str], flags: list[str], seed: int) -> dict:
-    with tempfile.TemporaryDirectory() as workdir:
-        launched = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fmnist_jax.train", f"--preset={preset}",
-                        *recipe, "--validation_size=5000", f"--seed={seed}", *flags,
-                        "--noprogress",
-                        "--noplots", f"--workdir={workdir}"],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - launched
-        summary = json.loads((Path(workdir) / "summary.json").read_text())
-        records = [json.loads(line) for line in
-                   (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {"flags": flags, "seed": seed, "val_accuracy": summary["val_accuracy"],
+    out = _ours([f"--preset={preset}", *recipe, "--validation_size=5000", f"--seed={seed}",
+                 *flags, "--noplots"])
+    records = out["records"]
+    return {"flags": flags, "seed": seed, "val_accuracy": out["summary"]["val_accuracy"],
             "val_accuracy_one_view": records[-1]["val_accuracy"],
-            "train_accuracy": records[-1]["train_accuracy"], "wall_s": wall,
+            "train_accuracy": records[-1]["train_accuracy"], "wall_s": out["wall_s"],
             "epoch_s": statistics.median(r["epoch_time_s"] for r in records[1:] or records),
             "epochs": len(records)}
 

@@ -45,6 +45,7 @@ Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -138,24 +139,24 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
     at the run's final test result (with the run's test-time augmentation, if any)."""
     run = _ours(["--test_every_epoch", *extra] if every_epoch else extra, source=source)
     summary = run["summary"]
-    # The per-epoch test evaluations are the benchmark's, not the run's: their seconds,
-    # summed up to each epoch, are taken off its process age.
-    extra_s, spent = [], 0.0
-    for r in run["records"]:
-        spent += r.get("test_eval_s", 0.0)
-        extra_s.append(spent)
     final = {"process_age_s": summary["test_done_s"], "epoch": "final",
              "test_accuracy": summary["test_accuracy"]}
+    # The per-epoch test evaluations are the benchmark's, not the run's: the seconds spent
+    # on them up to each record (all of them, for the final result) are taken off.
+    spent, taken_off = 0.0, []
+    for r in run["records"]:
+        spent += r.get("test_eval_s", 0.0)
+        taken_off.append(spent)
+    taken_off.append(spent)
     reached = {}
     for target in targets:
         i, record = next(((i, r) for i, r in enumerate([*run["records"], final])
                           if r.get("test_accuracy", 0) >= target), (None, None))
-        seconds = None if record is None else \
-            record["process_age_s"] - (extra_s[min(i, len(extra_s) - 1)] if extra_s else 0)
+        seconds = None if record is None else record["process_age_s"] - taken_off[i]
         reached[str(target)] = None if record is None else {
             "seconds": seconds, "epoch": record["epoch"],
             "pytorch_epochs": seconds / pytorch_epoch if pytorch_epoch else None}
-    wall = run["wall_s"] - (extra_s[-1] if extra_s else 0.0)
+    wall = run["wall_s"] - spent
     return {"args": extra, "source": str(source), "every_epoch": every_epoch,
             "reached": reached,
             "pytorch_epoch_s": pytorch_epoch,
@@ -165,7 +166,7 @@ def time_to_accuracy(targets: list[float], extra: list[str], pytorch_epoch: floa
                           for r in run["records"]],
             "final_test_accuracy": summary["test_accuracy"],
             "final_val_accuracy": summary["val_accuracy"],
-            "wall_s": wall, "test_evaluations_s": extra_s[-1] if extra_s else 0.0,
+            "wall_s": wall, "test_evaluations_s": spent,
             "peak_rss_mb": summary["peak_rss_mb"]}
 
 
@@ -295,13 +296,11 @@ def record_rows(results: dict) -> str:
     target test accuracy and to exit, in seconds and in PyTorch epochs."""
     import datetime
 
-    import jax
-
     targets = list(results["records"][0]["reached"])
     machine = results["machine"]
     pe = results["records"][0]["pytorch_epoch_s"]
     lines = [f"{datetime.date.today()}, {machine['cores']} cores of {machine['cpu']}, "
-             f"Python {machine['python']}, jax {jax.__version__}; PyTorch epoch "
+             f"Python {machine['python']}, jax {machine['jax']}; PyTorch epoch "
              + (f"{pe:.2f} s" if pe else "not timed") + "; seconds (PyTorch epochs) from "
              "launch, the benchmark's own test evaluations taken off\n",
              "| command | " + " | ".join(f"{100 * float(t):g}% test" for t in targets)
@@ -329,7 +328,8 @@ def _machine() -> dict:
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) \
         if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "jax": importlib.metadata.version("jax")}
 
 
 def _table(results: dict) -> str:

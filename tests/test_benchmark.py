@@ -37,7 +37,9 @@ def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch)
     assert got["wall_s"] == 77.0 and got["wall_pytorch_epochs"] == 77.0 / 40.0
 
     rows = benchmark.record_rows({"machine": {"cpu": "Some CPU", "cores": 2,
-                                              "python": "3.11.7"}, "records": [got]})
+                                              "python": "3.11.7", "jax": "0.10.2"},
+                                  "records": [got]})
+    assert rows.startswith("20") and "Python 3.11.7, jax 0.10.2" in rows
     assert "PyTorch epoch 40.00 s" in rows
     assert rows.splitlines()[-1] == ("| `python -m fmnist_jax.train --preset=cnn` | "
                                      "55 s (1.38), epoch 2 | 75 s (1.88) | — | 94.10% | "

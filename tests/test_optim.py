@@ -131,7 +131,7 @@ def test_clipping():
 
 def test_muon_orthogonalises_convolution_kernels_and_gives_the_rest_to_adam():
     """A convolution kernel's update, as a (3 x 3 x in) by out matrix, has its singular
-    values pulled together (Newton-Schulz) at 0.2 x lr x sqrt(max(fan-in, fan-out)) RMS;
+    values pulled together (Newton-Schulz) and its RMS scaled to 0.2 x lr (consistent_rms);
     a dense kernel and a bias get the first step of Adam with Nesterov momentum (optax's
     muon uses NAdam): m^ = 0.9 x 0.1 g / (1 - 0.9^2) + 0.1 g / (1 - 0.9), over |g|."""
     grads = {"conv": jax.random.normal(jax.random.key(0), (3, 3, 8, 16)) *
