@@ -25,11 +25,12 @@ timed from launch to exit (what a user waits for). Measured:
   no test evaluation per epoch; its final test result (with the run's test-time
   augmentation) counts for the targets, at the process age it was printed.
 - ``--records=cnn,best_cpu,...``: the record table's rows, for each preset (and each of
-  ``--seeds``): process start to each target, as ``time_to_accuracy`` measures it, with the
-  seconds of the benchmark's own per-epoch test evaluations taken off (what the user's run
-  of ``python -m fmnist_jax.train --preset=NAME`` would take to that epoch), then the
-  run's final result (with its test-time augmentation) and its whole process; printed as
-  markdown rows with the date, machine and versions.
+  ``--seeds``, with any ``--record_flags`` on top): process start to each target, as
+  ``time_to_accuracy`` measures it, with the seconds of the benchmark's own per-epoch test
+  evaluations taken off (what the user's run of ``python -m fmnist_jax.train
+  --preset=NAME`` would take to that epoch), then the run's final result (with its
+  test-time augmentation) and its whole process; printed as markdown rows with the date,
+  machine and versions.
 - ``pytorch_epoch``: the PyTorch seed CNN alone, for the unit, when ``cnn_seed`` (which
   also runs ours and Keras) is not wanted.
 - ``plots``: seconds from the test result to the end of the process (plots, exit), from
@@ -232,6 +233,10 @@ def main() -> None:
                              "every epoch, those evaluations' seconds taken off its times")
     parser.add_argument("--seeds", default="0",
                         help="the seeds of each --records preset, comma-separated")
+    parser.add_argument("--record_flags", default="",
+                        help="flags added to every --records run (space-separated), e.g. "
+                             "a recipe on top of a preset: --records=best_cpu "
+                             "--record_flags='--optimizer=muon --epochs=12'")
     parser.add_argument("--pytorch_epoch_s", type=float, default=0.0,
                         help="the PyTorch seed-CNN epoch to divide by, when cnn_seed is "
                              "not part of this run")
@@ -271,7 +276,8 @@ def main() -> None:
         for name in args.records.split(","):
             for seed in args.seeds.split(","):
                 results["records"].append(time_to_accuracy(
-                    targets, [f"--preset={name}", f"--seed={seed}"],
+                    targets,
+                    [f"--preset={name}", *args.record_flags.split(), f"--seed={seed}"],
                     args.pytorch_epoch_s or pytorch_epoch(results)))
                 Path(args.out).write_text(json.dumps(results, indent=2))
     if "rss" in parts:

@@ -44,3 +44,30 @@ def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch)
     assert rows.splitlines()[-1] == ("| `python -m fmnist_jax.train --preset=cnn` | "
                                      "55 s (1.38), epoch 2 | 75 s (1.88) | — | 94.10% | "
                                      "77 s (1.93) |")
+
+
+def test_record_flags_go_on_every_record_run_and_into_its_row(monkeypatch, tmp_path):
+    benchmark = _benchmark()
+    calls = []
+
+    def fake(targets, extra, pytorch_epoch, every_epoch=True, source=None):
+        calls.append(extra)
+        return {"args": extra, "reached": {str(t): None for t in targets},
+                "pytorch_epoch_s": pytorch_epoch, "wall_s": 300.0,
+                "wall_pytorch_epochs": 300.0 / pytorch_epoch, "final_test_accuracy": 0.9373}
+
+    monkeypatch.setattr(benchmark, "time_to_accuracy", fake)
+    monkeypatch.setattr(benchmark, "_machine", lambda: {"cpu": "Some CPU", "cores": 2,
+                                                        "python": "3.11.7", "jax": "0.10.2"})
+    out = tmp_path / "records.json"
+    monkeypatch.setattr("sys.argv", [
+        "benchmark.py", "--only=none", "--peers_python=", "--pytorch_epoch_s=36",
+        "--records=best_cpu", "--record_flags=--optimizer=muon --epochs=12", "--seeds=0,1",
+        f"--out={out}"])
+    benchmark.main()
+    assert calls == [["--preset=best_cpu", "--optimizer=muon", "--epochs=12", "--seed=0"],
+                     ["--preset=best_cpu", "--optimizer=muon", "--epochs=12", "--seed=1"]]
+    rows = benchmark.record_rows(__import__("json").loads(out.read_text()))
+    assert rows.splitlines()[-1] == (
+        "| `python -m fmnist_jax.train --preset=best_cpu --optimizer=muon --epochs=12 "
+        "--seed=1` | — | — | — | 93.73% | 300 s (8.33) |")
