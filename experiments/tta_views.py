@@ -1,0 +1,71 @@
+"""Which test-time views are worth their time: the accuracy of a run's model on its
+validation split with the logits averaged over different sets of translated views.
+
+    python -m fmnist_jax.train --preset=best_cpu --validation_size=5000 --workdir=runs/v
+    python experiments/tta_views.py runs/v
+
+Each view is the image translated by (dy, dx) pixels, black entering at the edge, as
+``--tta_shift`` makes its 9 views of -1, 0 and +1 pixel; here translations of up to 2
+pixels (what ``--random_crop=2`` trains for) are compared too. The time of an evaluation
+grows with the number of views. Reads the validation split only (the run must have held
+one out): choices are made here, not on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmnist_jax.data import load_dataset
+from fmnist_jax.inference import load_model, read_run
+from fmnist_jax.steps import normalize
+
+VIEW_SETS = {
+    "one view": [(0, 0)],
+    "5, a cross of 1 px": [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)],
+    "9, -1..1 px (--tta_shift)": [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)],
+    "9, -2, 0, 2 px": [(a, b) for a in (-2, 0, 2) for b in (-2, 0, 2)],
+    "13, a diamond of 2 px": [(a, b) for a in range(-2, 3) for b in range(-2, 3)
+                              if abs(a) + abs(b) <= 2],
+    "25, -2..2 px": list(itertools.product(range(-2, 3), repeat=2)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", help="a finished run's --workdir, trained with a "
+                                        "validation split")
+    args = parser.parse_args()
+    classifier = load_model(args.workdir)
+    config, spec = read_run(Path(args.workdir))[0], classifier.spec
+    data = load_dataset(config.data_dir or None, validation_size=config.validation_size,
+                        dataset=config.dataset)
+    if data.validation is None:
+        raise SystemExit(f"{args.workdir} held out no validation split (--validation_size=0)")
+    images, labels = data.validation
+    images = images[..., None] if images.ndim == 3 else images
+    model = classifier.model
+    model.eval()
+
+    @jax.jit
+    def logits(batch, dy, dx):
+        padded = jnp.pad(batch, ((0, 0), (2, 2), (2, 2), (0, 0)))
+        view = jax.lax.dynamic_slice(padded, (0, 2 + dy, 2 + dx, 0), batch.shape)
+        return model(normalize(view.astype(jnp.float32), (spec.mean, spec.std)))
+
+    per_view = {view: np.concatenate([np.asarray(logits(images[i:i + 1000], *view))
+                                      for i in range(0, len(images), 1000)])
+                for view in VIEW_SETS["25, -2..2 px"]}
+    print(f"{args.workdir}: validation accuracy ({len(labels)} images) by test-time views")
+    for name, views in VIEW_SETS.items():
+        accuracy = (sum(per_view[v] for v in views).argmax(1) == labels).mean()
+        print(f"  {name:<28}{100 * accuracy:6.2f}%")
+
+
+if __name__ == "__main__":
+    main()
