@@ -47,8 +47,7 @@ def main() -> None:
                         dataset=config.dataset)
     if data.validation is None:
         raise SystemExit(f"{args.workdir} held out no validation split (--validation_size=0)")
-    images, labels = data.validation
-    images = images[..., None] if images.ndim == 3 else images
+    images, labels = data.validation  # (N, H, W, C), as every Split holds them
     model = classifier.model
     model.eval()
 

@@ -4,6 +4,7 @@ record table's rows."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_record_flags_go_on_every_record_run_and_into_its_row(monkeypatch, tmp_p
     benchmark.main()
     assert calls == [["--preset=best_cpu", "--optimizer=muon", "--epochs=12", "--seed=0"],
                      ["--preset=best_cpu", "--optimizer=muon", "--epochs=12", "--seed=1"]]
-    rows = benchmark.record_rows(__import__("json").loads(out.read_text()))
+    rows = benchmark.record_rows(json.loads(out.read_text()))
     assert rows.splitlines()[-1] == (
         "| `python -m fmnist_jax.train --preset=best_cpu --optimizer=muon --epochs=12 "
         "--seed=1` | — | — | — | 93.73% | 300 s (8.33) |")
