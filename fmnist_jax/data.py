@@ -39,6 +39,7 @@ import numpy as np
 
 from fmnist_jax.errors import UserError
 from fmnist_jax.files import atomic_open
+from fmnist_jax.progress import progress_bar
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -474,8 +475,6 @@ def download_files(directory: Path, files: DatasetFiles | None = None) -> dict[s
 
 
 def _download_one(spec: IdxFile, target: Path, files: DatasetFiles) -> None:
-    from tqdm.auto import tqdm
-
     errors = []
     for mirror in _mirrors(files):
         url = mirror + spec.name + ".gz"
@@ -483,8 +482,8 @@ def _download_one(spec: IdxFile, target: Path, files: DatasetFiles) -> None:
             with atomic_open(target, "wb") as out, \
                     urllib.request.urlopen(url, timeout=30) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=target.name,
-                          leave=False) as bar:
+                with progress_bar(total=total, unit="B", unit_scale=True,
+                                  desc=target.name, leave=False) as bar:
                     while chunk := resp.read(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))

@@ -19,6 +19,7 @@ from fmnist_jax import files, parallel, plots
 from fmnist_jax.config import Config
 from fmnist_jax.data import DataSpec, Split
 from fmnist_jax.metrics import JsonlWriter, TensorBoardWriter
+from fmnist_jax.progress import progress_bar
 
 
 def log(*args) -> None:
@@ -163,12 +164,10 @@ def train_loss_label(config: Config, loss: str) -> str:
 
 
 def _bar(config: Config, epoch: int, steps_per_epoch: int, done: int = 0):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{config.epochs}",
-                unit="step", leave=False,
-                disable=not (config.progress and parallel.is_main_process()),
-                file=sys.stderr)
+    return progress_bar(total=steps_per_epoch, initial=done,
+                        desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False,
+                        disable=not (config.progress and parallel.is_main_process()),
+                        file=sys.stderr)
 
 
 def _epoch_line(r: dict, epochs: int) -> str:

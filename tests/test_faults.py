@@ -170,6 +170,29 @@ def test_sigint_while_downloading_leaves_no_partial_file(synthetic_dir, tmp_path
     assert [p.name for p in cache.iterdir() if p.is_file()] == []  # no *.part, no .gz
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_sigint_while_a_progress_bar_is_built_prints_no_traceback(ours, monkeypatch):
+    """A Ctrl-C can land inside tqdm's ``__init__`` (the download above, one run in a few
+    dozen on a loaded machine): tqdm's finaliser then fails on the missing attributes and
+    Python prints its traceback under our one-line message. Our bars do not; plain tqdm
+    shows the test reproduces the fault."""
+    import tqdm.auto
+    import tqdm.std
+
+    from fmnist_jax.progress import progress_bar
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.std.tqdm, "_get_free_pos", interrupted)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        (progress_bar if ours else tqdm.auto.tqdm)(total=10, disable=False)
+    gc.collect()
+    assert [type(u.exc_value) for u in unraisable] == ([] if ours else [AttributeError])
+
+
 def test_closed_output_pipe_stops_with_one_line(synthetic_dir, tmp_path):
     """``fmnist-train ... | head -1``: the reader goes away after the first line."""
     # The pipe closes before the first epoch's line: that epoch has to compile first.
