@@ -5,8 +5,8 @@ validation split with the logits averaged over different sets of translated view
     python experiments/tta_views.py runs/v
 
 Each view is the image translated by (dy, dx) pixels, black entering at the edge, as
-``--tta_shift`` makes its 9 views of -1, 0 and +1 pixel; here translations of up to 2
-pixels (what ``--random_crop=2`` trains for) are compared too. The time of an evaluation
+``--tta_shift`` makes its 9 views of -1, 0 and +1 pixel (``--tta_shift=2``: 25 views of up
+to 2 pixels, what ``--random_crop=2`` trains for); here other sets are compared too. The time of an evaluation
 grows with the number of views. Reads the validation split only (the run must have held
 one out): choices are made here, not on the test split.
 """
@@ -32,7 +32,7 @@ VIEW_SETS = {
     "9, -2, 0, 2 px": [(a, b) for a in (-2, 0, 2) for b in (-2, 0, 2)],
     "13, a diamond of 2 px": [(a, b) for a in range(-2, 3) for b in range(-2, 3)
                               if abs(a) + abs(b) <= 2],
-    "25, -2..2 px": list(itertools.product(range(-2, 3), repeat=2)),
+    "25, -2..2 px (--tta_shift=2)": list(itertools.product(range(-2, 3), repeat=2)),
 }
 
 

@@ -91,9 +91,15 @@ def build_parser(cls=Config, prog: str = "fmnist-train", description: str = "",
             parser.add_argument(f"--no{f.name}", dest=f.name, action="store_false",
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
+            bare = f.metadata.get("bare")
             parser.add_argument(f"--{f.name}", type=kind, choices=choices,
                                 default=argparse.SUPPRESS, help=help_text,
-                                metavar=None if choices else f.name.upper())
+                                metavar=None if choices else f.name.upper(),
+                                **({} if bare is None else {"nargs": "?", "const": bare}))
+            if bare is not None:
+                parser.add_argument(f"--no{f.name}", dest=f.name, action="store_const",
+                                    const=kind(0), default=argparse.SUPPRESS,
+                                    help=argparse.SUPPRESS)
     return parser
 
 

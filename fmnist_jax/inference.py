@@ -51,7 +51,7 @@ class Classifier:
     step: int | None = None  # the checkpoint's step, when loaded from one
     description: str = ""  # which weights these are, in words
     tta_flip: bool = False  # the run's --tta_flip: logits averaged with the mirror image's
-    tta_shift: bool = False  # the run's --tta_shift: and over 1-pixel translations
+    tta_shift: int = 0  # the run's --tta_shift: and over translations of up to N pixels
     spec: DataSpec = DataSpec()  # the images it takes, their classes and statistics
 
     @functools.cached_property

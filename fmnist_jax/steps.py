@@ -191,7 +191,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-              tta_flip: bool = False, tta_shift: bool = False,
+              tta_flip: bool = False, tta_shift: int = 0,
               statistics: Statistics = FASHION_MNIST_STATISTICS) -> jax.Array:
     """float32 logits ``(B, 10)`` for a batch of uint8 (or 0-255 float) images, in inference
     mode (``model.eval()``), with ``variables`` = ``{"params", "model_state", "rngs"}``
@@ -216,25 +216,25 @@ def eval_step(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
     return total / len(views)
 
 
-def tta_views(images: jax.Array, *, flip: bool = False, shift: bool = False) -> list:
+def tta_views(images: jax.Array, *, flip: bool = False, shift: int = 0) -> list:
     """The views of ``(B, H, W, C)`` raw images that test-time augmentation averages over:
-    the images themselves; with ``shift`` the 9 translations by -1, 0 or +1 pixel along
-    each axis (black enters at the edge), as random crops of 1 or more pixels train the
-    model to expect; with ``flip`` each view and its mirror image (clothing is
-    mirror-symmetric)."""
+    the images themselves; with ``shift`` = N the ``(2N+1)**2`` translations by -N to +N
+    pixels along each axis (black enters at the edge), as random crops of N or more pixels
+    train the model to expect (``True`` is 1: 9 views); with ``flip`` each view and its
+    mirror image (clothing is mirror-symmetric)."""
     views = [images]
     if shift:
-        h, w = images.shape[1:3]
-        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        views = [padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        n, (h, w) = int(shift), images.shape[1:3]
+        padded = jnp.pad(images, ((0, 0), (n, n), (n, n), (0, 0)))
+        views = [padded[:, n + dy:n + dy + h, n + dx:n + dx + w]
+                 for dy in range(-n, n + 1) for dx in range(-n, n + 1)]
     if flip:
         views += [v[:, :, ::-1] for v in views]
     return views
 
 
 def eval_batches(variables: dict, images: jax.Array, *, graphdef: nnx.GraphDef,
-                 tta_flip: bool = False, tta_shift: bool = False,
+                 tta_flip: bool = False, tta_shift: int = 0,
                  statistics: Statistics = FASHION_MNIST_STATISTICS) -> jax.Array:
     """:func:`eval_step` over ``(batches, batch, 28, 28, 1)`` images, one batch at a time:
     logits ``(batches, batch, 10)``."""
@@ -286,7 +286,7 @@ class Steps(NamedTuple):
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                *, replicated=None, ema_decay: float = 0.0,
                augment: Callable | None = None, tta_flip: bool = False,
-               tta_shift: bool = False, accumulate_steps: int = 1,
+               tta_shift: int = 0, accumulate_steps: int = 1,
                statistics: Statistics = FASHION_MNIST_STATISTICS) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
     ``tta_flip`` and ``tta_shift`` (see :func:`tta_views`) apply to ``eval_step`` and
@@ -318,7 +318,7 @@ class EvalSteps(NamedTuple):
 
 
 def make_eval_steps(graphdef: nnx.GraphDef, tta_flip: bool = False,
-                    tta_shift: bool = False,
+                    tta_shift: int = 0,
                     statistics: Statistics = FASHION_MNIST_STATISTICS) -> EvalSteps:
     """The jitted inference functions alone (no optimizer or loss needed)."""
     options = {"compiler_options": cpu_compiler_options()}

@@ -13,6 +13,7 @@ from conftest import SYNTHETIC_TEST, SYNTHETIC_VAL, run_synthetic
 
 from fmnist_jax.cli import build_parser, parse_config
 from fmnist_jax.config import PRESETS, Config, preset
+from fmnist_jax.errors import UserError
 
 
 def run_cli(*args, env=None, timeout=300):
@@ -38,6 +39,21 @@ def test_parsing_types_and_presets():
     assert (c.optimizer, c.learning_rate, c.loss) == ("adadelta", 1.0, "categorical")
     assert set(PRESETS) >= {"cnn", "mlp", "mlp_seed", "cnn_seed", "cnn_wide", "best_cpu",
                             "best_cpu_long", "resnet"}
+
+
+def test_tta_shift_is_a_radius_and_its_bare_flag_one_pixel():
+    """--tta_shift takes the translations' radius in pixels; the bare flag (as before it
+    took one) is 1 and --notta_shift is 0; a config.json of a run that stored it as true or
+    false reads as 1 or 0."""
+    assert parse_config([]).tta_shift == 0
+    assert parse_config(["--tta_shift"]).tta_shift == 1
+    assert parse_config(["--tta_shift=2"]).tta_shift == 2
+    assert parse_config(["--preset=best_cpu", "--notta_shift"]).tta_shift == 0
+    with pytest.raises(UserError, match=r"--tta_shift must be 0 to 14 pixels \(got "
+                                        r"tta_shift=15\)"):
+        parse_config(["--tta_shift=15"])
+    old = {**Config().to_dict(), "tta_shift": True}
+    assert Config.from_dict(old).tta_shift == 1 and type(Config.from_dict(old).tta_shift) is int
 
 
 @pytest.mark.parametrize("name, params", [("cnn", 390_858), ("cnn_wide", 876_586),

@@ -224,10 +224,11 @@ def test_flip_test_time_augmentation_averages_the_mirror_images_logits():
                                tta.eval_step(variables, images), rtol=1e-5, atol=1e-6)
 
 
-def test_shift_test_time_augmentation_averages_nine_translations():
-    """--tta_shift: the mean of the logits of the image moved by -1, 0, +1 pixel along each
-    axis, black entering at the edge (shifted here with numpy); with --tta_flip as well,
-    the 18 views include their mirror images."""
+@pytest.mark.parametrize("radius", [1, 2])
+def test_shift_test_time_augmentation_averages_the_translations(radius):
+    """--tta_shift=N: the mean of the logits of the image moved by -N to +N pixels along
+    each axis, black entering at the edge (shifted here with numpy): 9 views for 1, 25 for
+    2; with --tta_flip as well, the 18 views include their mirror images."""
     graphdef, state, steps = _setup()
     variables = inference_variables(state)
     images = np.asarray(_batch(8)["image"])
@@ -238,17 +239,22 @@ def test_shift_test_time_augmentation_averages_nine_translations():
             images[:, max(-dy, 0):28 + min(-dy, 0), max(-dx, 0):28 + min(-dx, 0)]
         return out
 
-    views = [shifted(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    assert not np.array_equal(views[0], images) and np.array_equal(views[4], images)
+    offsets = range(-radius, radius + 1)
+    views = [shifted(dy, dx) for dy in offsets for dx in offsets]
+    centre = len(views) // 2
+    assert len(views) == (2 * radius + 1) ** 2 and np.array_equal(views[centre], images)
+    assert not np.array_equal(views[0], images)
     logits = [np.asarray(steps.eval_step(variables, v)) for v in views]
-    shift = make_steps(graphdef, optax.adam(1e-3), make_loss(), tta_shift=True)
+    shift = make_steps(graphdef, optax.adam(1e-3), make_loss(), tta_shift=radius)
     np.testing.assert_allclose(shift.eval_step(variables, images), np.mean(logits, axis=0),
                                rtol=1e-5, atol=1e-5)
+    assert np.abs(np.mean(logits, axis=0) - logits[centre]).max() > 1e-3  # the shifts count
+    if radius > 1:
+        return
     both = make_steps(graphdef, optax.adam(1e-3), make_loss(), tta_shift=True, tta_flip=True)
     mirrored = [np.asarray(steps.eval_step(variables, v[:, :, ::-1])) for v in views]
     np.testing.assert_allclose(both.eval_step(variables, images),
                                np.mean(logits + mirrored, axis=0), rtol=1e-5, atol=1e-5)
-    assert np.abs(np.mean(logits, axis=0) - logits[4]).max() > 1e-3  # the shifts count
     for platform in ("tpu", "cuda"):  # the views lower for accelerators too
         exported = jax.export.export(both.eval_batches, platforms=[platform])(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
