@@ -23,7 +23,7 @@ import numpy as np
 
 from fmnist_jax.data import load_dataset
 from fmnist_jax.inference import load_model, read_run
-from fmnist_jax.steps import normalize
+from fmnist_jax.steps import normalize, tta_views
 
 VIEW_SETS = {
     "one view": [(0, 0)],
@@ -51,19 +51,20 @@ def main() -> None:
     model = classifier.model
     model.eval()
 
-    @jax.jit
-    def logits(batch, dy, dx):
-        padded = jnp.pad(batch, ((0, 0), (2, 2), (2, 2), (0, 0)))
-        view = jax.lax.dynamic_slice(padded, (0, 2 + dy, 2 + dx, 0), batch.shape)
-        return model(normalize(view.astype(jnp.float32), (spec.mean, spec.std)))
+    offsets = list(itertools.product(range(-2, 3), repeat=2))  # tta_views' order, shift 2
 
-    per_view = {view: np.concatenate([np.asarray(logits(images[i:i + 1000], *view))
-                                      for i in range(0, len(images), 1000)])
-                for view in VIEW_SETS["25, -2..2 px"]}
+    @jax.jit
+    def logits(batch):  # (25, batch, classes): the logits of each translation
+        return jnp.stack([model(normalize(view.astype(jnp.float32), (spec.mean, spec.std)))
+                          for view in tta_views(batch, shift=2)])
+
+    every_view = np.concatenate([np.asarray(logits(images[i:i + 250]))
+                                 for i in range(0, len(images), 250)], axis=1)
+    per_view = dict(zip(offsets, every_view))
     print(f"{args.workdir}: validation accuracy ({len(labels)} images) by test-time views")
     for name, views in VIEW_SETS.items():
         accuracy = (sum(per_view[v] for v in views).argmax(1) == labels).mean()
-        print(f"  {name:<28}{100 * accuracy:6.2f}%")
+        print(f"  {name:<30}{100 * accuracy:6.2f}%")
 
 
 if __name__ == "__main__":

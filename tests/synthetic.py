@@ -1,6 +1,7 @@
 """Runs a fmnist_jax command on a generated IDX data set instead of Fashion-MNIST.
 
     python tests/synthetic.py DATA_DIR fmnist_jax.train --epochs=1 ...
+    python tests/synthetic.py DATA_DIR experiments/tta_views.py WORKDIR
 
 ``DATA_DIR`` holds four IDX files written by ``conftest.write_synthetic_set`` and their
 description, ``spec.json`` (names, counts, SHA-256 of the payloads). The command runs in
@@ -57,4 +58,7 @@ if __name__ == "__main__":
     if os.environ.get("FMNIST_TEST_SIGTERM_AT_STEP"):
         sigterm_at_step(int(os.environ["FMNIST_TEST_SIGTERM_AT_STEP"]))
     sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if module.endswith(".py"):  # a script, as experiments/tta_views.py
+        runpy.run_path(module, run_name="__main__")
+    else:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)

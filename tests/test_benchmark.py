@@ -1,11 +1,14 @@
 """The benchmark's arithmetic: time to accuracy without its own test evaluations, and the
-record table's rows."""
+record table's rows; the test-time view study against the run's own evaluations."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
+
+from conftest import SYNTHETIC_VAL, run_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,21 @@ def test_record_flags_go_on_every_record_run_and_into_its_row(monkeypatch, tmp_p
     assert rows.splitlines()[-1] == (
         "| `python -m fmnist_jax.train --preset=best_cpu --optimizer=muon --epochs=12 "
         "--seed=1` | — | — | — | 93.73% | 300 s (8.33) |")
+
+
+def test_tta_views_study_agrees_with_the_runs_evaluations(synthetic_dir, tmp_path):
+    """experiments/tta_views.py on a run trained with --tta_shift=2: its one view is the
+    run's last per-epoch validation accuracy, its 25 views the summary's, to the image."""
+    trained = run_synthetic(synthetic_dir, "fmnist_jax.train", "--features=8,16", "--dense=32",
+                            "--epochs=1", "--random_crop=2", "--tta_shift=2", "--noprogress",
+                            f"--validation_size={SYNTHETIC_VAL}", f"--workdir={tmp_path}")
+    assert trained.returncode == 0, trained.stderr
+    study = run_synthetic(synthetic_dir, str(REPO / "experiments" / "tta_views.py"), tmp_path)
+    assert study.returncode == 0, study.stderr
+    rows = dict(re.findall(r"^  (\S.*?)\s+(\d+\.\d\d)%$", study.stdout, flags=re.M))
+    assert len(rows) == 6, study.stdout
+    last_epoch = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rows["one view"] == f"{100 * last_epoch['val_accuracy']:.2f}"
+    assert rows["25, -2..2 px (--tta_shift=2)"] == f"{100 * summary['val_accuracy']:.2f}"
+    assert rows["one view"] != rows["25, -2..2 px (--tta_shift=2)"], study.stdout
