@@ -85,21 +85,17 @@ def build_parser(cls=Config, prog: str = "fmnist-train", description: str = "",
         kind = _parser_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {_show(f.default)})"
         choices = f.metadata.get("choices")
-        if kind is _bool:
-            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True,
-                                default=argparse.SUPPRESS, help=help_text)
-            parser.add_argument(f"--no{f.name}", dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            bare = f.metadata.get("bare")
-            parser.add_argument(f"--{f.name}", type=kind, choices=choices,
-                                default=argparse.SUPPRESS, help=help_text,
-                                metavar=None if choices else f.name.upper(),
-                                **({} if bare is None else {"nargs": "?", "const": bare}))
-            if bare is not None:
-                parser.add_argument(f"--no{f.name}", dest=f.name, action="store_const",
-                                    const=kind(0), default=argparse.SUPPRESS,
-                                    help=argparse.SUPPRESS)
+        # A flag given alone: true for a bool, a field's declared value otherwise; its
+        # --no form gives false or 0.
+        bare = True if kind is _bool else f.metadata.get("bare")
+        parser.add_argument(f"--{f.name}", type=kind, choices=choices,
+                            default=argparse.SUPPRESS, help=help_text,
+                            metavar=None if choices else f.name.upper(),
+                            **({} if bare is None else {"nargs": "?", "const": bare}))
+        if bare is not None:
+            parser.add_argument(f"--no{f.name}", dest=f.name, action="store_const",
+                                const=type(bare)(), default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
     return parser
 
 
