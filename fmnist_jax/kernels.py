@@ -131,8 +131,9 @@ def _im2col_primal(x, kernel, pads, chunk):
     kh, kw = kernel.shape[:2]
     matrix = kernel.reshape(-1, kernel.shape[-1])
     if not chunk:
-        return _patches(x, kh, kw, pads) @ matrix
-    y = jax.lax.map(lambda xs: _patches(xs, kh, kw, pads) @ matrix, _slices(x, chunk))
+        return _matmul(_patches(x, kh, kw, pads), matrix)
+    y = jax.lax.map(lambda xs: _matmul(_patches(xs, kh, kw, pads), matrix),
+                    _slices(x, chunk))
     return y.reshape(x.shape[0], *y.shape[2:])
 
 
@@ -158,6 +159,20 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
     return jnp.stack(rows, axis=3).reshape(n, ho, wo, kh * kw * c)
 
 
+def _dot(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
+    """``lax.dot_general`` summed in float32, returned in the operands' dtype. For bfloat16
+    operands XLA:CPU then runs its bfloat16 matmul, faster than float32's on a CPU with
+    AVX512_BF16, where a bfloat16 result took a path slower than float32's (figures in
+    experiments/README.md); for float32 operands it is the plain matmul."""
+    return jax.lax.dot_general(a, b, dimension_numbers,
+                               preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` (the last axis of ``a`` with the first of ``b``), through :func:`_dot`."""
+    return _dot(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+
+
 def _slices(a: jax.Array, chunk: int) -> jax.Array:
     return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
 
@@ -172,7 +187,7 @@ def _im2col_fwd(x, kernel, pads, chunk):
     patches = _patches(x, *kernel.shape[:2], pads)
     if _large(patches):  # built once: XLA would fuse a second copy into the halves of
         patches = jax.lax.optimization_barrier(patches)  # _grad_kernel
-    return patches @ kernel.reshape(-1, kernel.shape[-1]), (patches, kernel)
+    return _matmul(patches, kernel.reshape(-1, kernel.shape[-1])), (patches, kernel)
 
 
 def _im2col_bwd(pads, chunk, residuals, grad):
@@ -202,9 +217,17 @@ def _grad_kernel(patches: jax.Array, grad: jax.Array, kernel: jax.Array, *,
     ``halves``, two matmuls (grad^T @ patches) over the two halves of the positions, then
     summed: XLA:CPU runs them side by side, where it shares out one matmul with a long sum
     and a small result poorly. Faster for large patches, slower for small ones, hence only
-    for large patches (figures in experiments/README.md)."""
+    for large patches (figures in experiments/README.md).
+
+    bfloat16 patches are transposed first, a copy that the barrier keeps XLA from folding
+    into the matmul: XLA:CPU's bfloat16 matmul is fast only with the summed axis the left
+    operand's last, and several times slower on the patches as they lie."""
     cout = grad.shape[-1]
     p, g = patches.reshape(-1, patches.shape[-1]), grad.reshape(-1, cout)
+    if p.dtype == jnp.bfloat16:
+        n, k = patches.shape[0], patches.shape[-1]
+        p_t = jax.lax.optimization_barrier(patches.reshape(n, -1, k).transpose(2, 0, 1))
+        return _matmul(p_t.reshape(k, -1), g).reshape(kernel.shape)
     if not halves or p.shape[0] % 2:
         return jax.lax.dot_general(p, g, (((0,), (0,)), ((), ()))).reshape(kernel.shape)
     grad_t = jax.lax.dot_general(g.reshape(2, -1, cout), p.reshape(2, -1, p.shape[1]),
@@ -216,13 +239,16 @@ def _grad_input(grad: jax.Array, kernel: jax.Array, pads, images: int) -> jax.Ar
     """The input's gradient: grad @ kernel^T, the patches' gradient, added back by
     :func:`_col2im`; with ``images``, one slice of that many images at a time, so that
     the patches' gradient (kh*kw times the input) is added back while it is in the cache,
-    faster for large patches (figures in experiments/README.md)."""
+    faster for large patches (figures in experiments/README.md). The patches' gradient
+    and its sum are float32 whatever the operands (XLA:CPU adds bfloat16 slices several
+    times slower than float32 ones); the result has the operands' dtype."""
     kh, kw, cin, cout = kernel.shape
 
     def one(g):
         grad_patches = jax.lax.dot_general(g, kernel.reshape(-1, cout),
-                                           (((3,), (1,)), ((), ())))
-        return _col2im(grad_patches, kh, kw, cin, pads)
+                                           (((3,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+        return _col2im(grad_patches, kh, kw, cin, pads).astype(g.dtype)
 
     if not images:
         return one(grad)

@@ -94,6 +94,38 @@ def test_custom_gradient_equals_autodiff_of_the_same_slices(pads, chunk, large, 
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("chunk, large", [(0, False), (0, True), (2, False)])
+def test_bfloat16_convolution_equals_lax_within_bfloat16_rounding(chunk, large, monkeypatch):
+    """On bfloat16 operands: bfloat16 values and gradients, equal to XLA's convolution and
+    its gradient on the same (bfloat16) numbers computed in float32, within bfloat16's
+    rounding; every matmul sums in float32 (a bfloat16 result was XLA:CPU's slow path). With
+    the patches kept (small or large) and recomputed over slices of 2 images."""
+    if large:
+        monkeypatch.setattr(kernels, "_LARGE_PATCHES_BYTES", 0)
+    keys = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(keys[0], (4, 10, 9, 16)).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(keys[1], (3, 3, 16, 24)) * 0.1).astype(jnp.bfloat16)
+    target = jax.random.normal(keys[2], (4, 10, 9, 24))
+    pads = ((1, 1), (1, 1))
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.tanh(conv(x, k).astype(jnp.float32)) * target)
+
+    ours = jax.jit(jax.value_and_grad(
+        loss(lambda x, k: kernels._im2col(x, k, pads, chunk)), (0, 1)))
+    ref = jax.jit(jax.value_and_grad(loss(_lax(pads)), (0, 1)))
+    (v1, g1), (v2, g2) = ours(x, kernel), ref(x.astype(jnp.float32),
+                                                kernel.astype(jnp.float32))
+    assert kernels._im2col(x, kernel, pads, chunk).dtype == jnp.bfloat16
+    np.testing.assert_allclose(v1, v2, rtol=2e-2)
+    for a, b in zip(g1, g2):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b,
+                                   atol=2e-2 * float(jnp.abs(b).max()))
+    hlo = ours.lower(x, kernel).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 3 and all(line.endswith("xf32>") for line in dots), dots
+
+
 def test_large_patches_are_recomputed_over_slices_of_the_batch():
     """The ResNet's 28x28 layers (231 MB of patches at batch 128) are not held whole: the
     compiled gradient of one such layer needs a fraction of its patches in temporaries (it
