@@ -3,8 +3,8 @@ one ingredient changed, each a whole training process, one after another.
 
     python experiments/ablation.py                          # best_cpu's ingredients
     python experiments/ablation.py --preset=best_cpu --only=recipe,no_crop --seeds=0,1
-    python experiments/ablation.py --recipe="--optimizer=muon --learning_rate=0.005 --epochs=12" \
-        --variant="adam=--optimizer=adam" --only=recipe,adam,no_crop
+    python experiments/ablation.py --recipe="--epochs=12" \
+        --variant="lr_8e-3=--learning_rate=0.008" --only=recipe,lr_8e-3,no_crop
 
 Every run holds out the first 5,000 training images (``--validation_size=5000``, whatever
 the preset says) and never reads the test split's accuracy into the table: the choices are
@@ -30,13 +30,13 @@ from benchmark import _ours  # a training process, timed, with its summary and r
 # Each variant: the flags that change one ingredient of the preset (best_cpu's values).
 VARIANTS = {
     "recipe": [],
+    "adam": ["--optimizer=adam"],
     "no_crop": ["--random_crop=0"],
+    "crop_2": ["--random_crop=2"],
     "no_smoothing": ["--label_smoothing=0"],
     "no_ema": ["--ema_decay=0"],
-    "dense_256": ["--dense=256", "--dropout=0.1"],
-    "16_epochs": ["--epochs=16"],
-    "lr_5e-3": ["--learning_rate=0.005"],
-    "muon": ["--optimizer=muon"],
+    "dense_512": ["--dense=512", "--dropout=0.2"],
+    "12_epochs": ["--epochs=12"],
 }
 
 
