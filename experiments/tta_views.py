@@ -7,8 +7,8 @@ validation split with the logits averaged over different sets of translated view
 Each view is the image translated by (dy, dx) pixels, black entering at the edge, as
 ``--tta_shift`` makes its 9 views of -1, 0 and +1 pixel (``--tta_shift=2``: 25 views of up
 to 2 pixels, what ``--random_crop=2`` trains for); here other sets are compared too. The
-time of an evaluation grows with the number of views. Reads the validation split only (the run must have held
-one out): choices are made here, not on the test split.
+time of an evaluation grows with the number of views. Reads the validation split only (the
+run must have held one out): choices are made here, not on the test split.
 """
 
 from __future__ import annotations

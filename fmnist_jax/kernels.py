@@ -159,13 +159,14 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
     return jnp.stack(rows, axis=3).reshape(n, ho, wo, kh * kw * c)
 
 
-def _dot(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
-    """``lax.dot_general`` summed in float32, returned in the operands' dtype. For bfloat16
-    operands XLA:CPU then runs its bfloat16 matmul, faster than float32's on a CPU with
-    AVX512_BF16, where a bfloat16 result took a path slower than float32's (figures in
-    experiments/README.md); for float32 operands it is the plain matmul."""
+def _dot(a: jax.Array, b: jax.Array, dimension_numbers, dtype=None) -> jax.Array:
+    """``lax.dot_general`` summed in float32, returned in ``dtype`` (by default the
+    operands'). For bfloat16 operands XLA:CPU then runs its bfloat16 matmul, faster than
+    float32's on a CPU with AVX512_BF16, where a bfloat16 result took a path slower than
+    float32's (figures in experiments/README.md); for float32 operands it is the plain
+    matmul."""
     return jax.lax.dot_general(a, b, dimension_numbers,
-                               preferred_element_type=jnp.float32).astype(a.dtype)
+                               preferred_element_type=jnp.float32).astype(dtype or a.dtype)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -245,9 +246,8 @@ def _grad_input(grad: jax.Array, kernel: jax.Array, pads, images: int) -> jax.Ar
     kh, kw, cin, cout = kernel.shape
 
     def one(g):
-        grad_patches = jax.lax.dot_general(g, kernel.reshape(-1, cout),
-                                           (((3,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+        grad_patches = _dot(g, kernel.reshape(-1, cout), (((3,), (1,)), ((), ())),
+                            jnp.float32)
         return _col2im(grad_patches, kh, kw, cin, pads).astype(g.dtype)
 
     if not images:

@@ -107,6 +107,7 @@ def test_bfloat16_convolution_equals_lax_within_bfloat16_rounding(chunk, large, 
     kernel = (jax.random.normal(keys[1], (3, 3, 16, 24)) * 0.1).astype(jnp.bfloat16)
     target = jax.random.normal(keys[2], (4, 10, 9, 24))
     pads = ((1, 1), (1, 1))
+
     def loss(conv):
         return lambda x, k: jnp.sum(jnp.tanh(conv(x, k).astype(jnp.float32)) * target)
 
