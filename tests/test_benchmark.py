@@ -1,5 +1,6 @@
 """The benchmark's arithmetic: time to accuracy without its own test evaluations, and the
-record table's rows; the test-time view study against the run's own evaluations."""
+record table's rows; the test-time view study and the ensemble study against the runs' own
+evaluations."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from conftest import SYNTHETIC_VAL, run_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark",
-                                                  REPO / "experiments" / "benchmark.py")
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _benchmark():
+    return _experiment("benchmark")
 
 
 def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch):
@@ -93,3 +100,35 @@ def test_tta_views_study_agrees_with_the_runs_evaluations(synthetic_dir, tmp_pat
     assert rows["one view"] == f"{100 * last_epoch['val_accuracy']:.2f}"
     assert rows["25, -2..2 px (--tta_shift=2)"] == f"{100 * summary['val_accuracy']:.2f}"
     assert rows["one view"] != rows["25, -2..2 px (--tta_shift=2)"], study.stdout
+
+
+def test_ensemble_averages_probabilities_over_every_subset():
+    """Averaged probabilities, not votes: two models right on one image each are right on
+    both together; a third, wrong on both, pulls every subset it joins down."""
+    members = np.array([[[0.6, 0.4], [0.6, 0.4]],
+                        [[0.45, 0.55], [0.1, 0.9]],
+                        [[0.0, 1.0], [1.0, 0.0]]])
+    by_size = _experiment("ensemble").accuracy_by_size(members, np.array([0, 1]))
+    assert by_size == {1: [0.5, 0.5, 0.0], 2: [1.0, 0.0, 0.0], 3: [0.0]}
+
+
+def test_ensemble_study_agrees_with_the_runs_evaluations(synthetic_dir, tmp_path):
+    """experiments/ensemble.py on two runs: each model alone scores the run's own
+    validation accuracy (with its test-time views), to the image."""
+    workdirs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
+    for seed, workdir in enumerate(workdirs):
+        trained = run_synthetic(synthetic_dir, "fmnist_jax.train", "--features=8,16",
+                                "--dense=32", "--epochs=1", "--tta_shift=1", "--noprogress",
+                                f"--seed={seed}", f"--validation_size={SYNTHETIC_VAL}",
+                                f"--workdir={workdir}")
+        assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "ensemble.json"
+    study = run_synthetic(synthetic_dir, str(REPO / "experiments" / "ensemble.py"),
+                          *map(str, workdirs), f"--out={out}")
+    assert study.returncode == 0, study.stderr
+    figures = json.loads(out.read_text())
+    assert figures["images"] == SYNTHETIC_VAL
+    singles = [json.loads((w / "summary.json").read_text())["val_accuracy"] for w in workdirs]
+    assert figures["accuracy_by_size"]["1"] == pytest.approx(singles, abs=1e-9)
+    assert len(figures["accuracy_by_size"]["2"]) == 1
+    assert f"K=2: mean {100 * figures['accuracy_by_size']['2'][0]:.2f}%" in study.stdout

@@ -29,7 +29,7 @@ def _command_flags() -> set[str]:
                build_parser(export.ExportConfig, presets=False), predict._parser()]
     flags = {option for p in parsers for action in p._actions for option in action.option_strings}
     for script in ("benchmark.py", "bench_devices.py", "optimizer_study.py", "tuning.py",
-                   "ablation.py"):
+                   "ablation.py", "ensemble.py"):
         usage = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--help"],
                                capture_output=True, text=True, check=True).stdout
         flags |= set(re.findall(r"--\w+", usage))
