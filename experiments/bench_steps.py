@@ -6,7 +6,8 @@
 Each model trains through ``fmnist_jax.steps`` exactly as ``fit`` runs it (a jitted scan of
 ``--steps`` steps per call, Adam, batch ``--batch_size`` of random images); the figure is
 the median over ``--repeats`` calls after one warm-up call, divided by the steps. Models:
-ours (``mlp``, ``cnn``, ``cnn_seed``, ``cnn_wide``, ``resnet_small``), and the users' models
+ours (``mlp``, ``cnn``, ``cnn_seed``, ``cnn_wide``, ``resnet_small``; ``resnet``, the
+preset's, only when named), computing in ``--dtype``, and the users' models
 of README.md's "As a library" as ``fit`` prepares them (``tutorial_cnn``, ``linen_cnn``,
 ``sequential``) or left with Flax's own convolution (``*_flax_conv``). Writes JSON with
 ``--out``.
@@ -41,15 +42,18 @@ def readme_models() -> dict:
     return namespace
 
 
-def _model(name: str):
+OURS = {"mlp": {}, "cnn": {}, "cnn_seed": {},
+        "cnn_wide": dict(features=(48, 96, 192), dense=384),
+        "resnet_small": dict(features=(32, 64, 128), blocks=1),
+        "resnet": dict(features=(64, 128, 256), blocks=2)}
+
+
+def _model(name: str, dtype: str = "float32"):
     rngs = nnx.Rngs(params=0, dropout=1)
     sample = normalize(np.zeros((2, 28, 28, 1), np.uint8))
-    named = {"mlp": {}, "cnn": {}, "cnn_seed": {},
-             "cnn_wide": dict(features=(48, 96, 192), dense=384),
-             "resnet_small": dict(features=(32, 64, 128), blocks=1)}
-    if name in named:
+    if name in OURS:
         base = "resnet" if name.startswith("resnet") else name.replace("_wide", "")
-        return models.create_model(base, rngs=rngs, **named[name])
+        return models.create_model(base, rngs=rngs, dtype=dtype, **OURS[name])
     flax_conv = name.endswith("_flax_conv")
     user_models = readme_models()
     user = {"tutorial_cnn": lambda: user_models["TutorialCNN"](rngs=rngs),
@@ -77,9 +81,10 @@ class _TrainArgument(nnx.Module):
         return self.bridge(x, train=train, mutable=["batch_stats"] if train else False)
 
 
-def time_steps(name: str, batch_size: int, steps: int, repeats: int) -> dict:
+def time_steps(name: str, batch_size: int, steps: int, repeats: int,
+               dtype: str = "float32") -> dict:
     tx = optax.adam(1e-3)
-    graphdef, state = create_train_state(_model(name), tx, jax.random.key(0))
+    graphdef, state = create_train_state(_model(name, dtype), tx, jax.random.key(0))
     fns = make_steps(graphdef, tx, make_loss())
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (4096, 28, 28, 1), np.uint8))
@@ -95,7 +100,8 @@ def time_steps(name: str, batch_size: int, steps: int, repeats: int) -> dict:
         state, sums = fns.train_scan(state, images, labels, indices)
         jax.block_until_ready(sums)
         times.append((time.perf_counter() - start) / steps * 1e3)
-    return {"model": name, "ms_per_step": statistics.median(times), "min": min(times),
+    return {"model": name, "dtype": dtype, "ms_per_step": statistics.median(times),
+            "min": min(times),
             "max": max(times), "first_call_s": first, "batch_size": batch_size,
             "params": sum(x.size for x in jax.tree.leaves(state.params))}
 
@@ -110,11 +116,17 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="our models' computation dtype (parameters stay float32)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    names = args.only.split(",")
+    theirs = [n for n in names if n not in OURS]
+    if args.dtype != "float32" and theirs:
+        parser.error(f"--dtype={args.dtype} applies to our models only, not {theirs}")
     rows = []
-    for name in args.only.split(","):
-        row = time_steps(name, args.batch_size, args.steps, args.repeats)
+    for name in names:
+        row = time_steps(name, args.batch_size, args.steps, args.repeats, args.dtype)
         rows.append(row)
         print(f"{name:<24}{row['ms_per_step']:>9.2f} ms/step  ({row['min']:.2f}-"
               f"{row['max']:.2f}; first call {row['first_call_s']:.1f} s; "
