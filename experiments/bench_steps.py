@@ -101,8 +101,8 @@ def time_steps(name: str, batch_size: int, steps: int, repeats: int,
         jax.block_until_ready(sums)
         times.append((time.perf_counter() - start) / steps * 1e3)
     return {"model": name, "dtype": dtype, "ms_per_step": statistics.median(times),
-            "min": min(times),
-            "max": max(times), "first_call_s": first, "batch_size": batch_size,
+            "min": min(times), "max": max(times), "first_call_s": first,
+            "batch_size": batch_size,
             "params": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
