@@ -141,9 +141,7 @@ def test_cpu_kernels_train_on_xlas_gradients(name, monkeypatch):
     nnx.avg_pool), as a GPU or TPU runs it: on images with black backgrounds, where a third
     of the pooling windows tie, the loss and every gradient agree within 1e-5 (of the
     largest gradient: a convolution's bias before batch norm has a gradient of zero, in
-    rounding noise); the ResNet's within 1e-4, as its batch norms magnify the float32
-    rounding of sums taken in another order (jaxlib 0.12.1: up to 5.5 times 1e-5; a wrong
-    gradient is off by a good part of its size)."""
+    rounding noise)."""
     from test_kernels import flat_background_images, standardised
 
     from fmnist_jax import models
@@ -179,6 +177,5 @@ def test_cpu_kernels_train_on_xlas_gradients(name, monkeypatch):
     value_xla, grad_xla = gradients(xla)
     np.testing.assert_allclose(value_cpu, value_xla, rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_xla))
-    tolerance = 1e-4 if name == "resnet" else 1e-5
     for a, b in zip(jax.tree.leaves(grad_cpu), jax.tree.leaves(grad_xla)):
-        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
