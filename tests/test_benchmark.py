@@ -24,12 +24,8 @@ def _experiment(name: str):
     return module
 
 
-def _benchmark():
-    return _experiment("benchmark")
-
-
 def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch):
-    benchmark = _benchmark()
+    benchmark = _experiment("benchmark")
     records = [{"epoch": 1, "process_age_s": 30.0, "test_accuracy": 0.92, "test_eval_s": 2.0,
                 "val_accuracy": 0.93, "epoch_time_s": 25.0},
                {"epoch": 2, "process_age_s": 60.0, "test_accuracy": 0.935, "test_eval_s": 3.0,
@@ -58,7 +54,7 @@ def test_time_to_accuracy_takes_the_benchmarks_test_evaluations_off(monkeypatch)
 
 
 def test_record_flags_go_on_every_record_run_and_into_its_row(monkeypatch, tmp_path):
-    benchmark = _benchmark()
+    benchmark = _experiment("benchmark")
     calls = []
 
     def fake(targets, extra, pytorch_epoch, every_epoch=True, source=None):
