@@ -26,6 +26,7 @@ import numpy as np
 
 from fmnist_jax.data import load_dataset
 from fmnist_jax.inference import load_model, read_run
+from fmnist_jax.input_pipeline import load_test_split
 
 
 def accuracy_by_size(probabilities: np.ndarray, labels: np.ndarray) -> dict[int, list[float]]:
@@ -49,9 +50,11 @@ def main() -> None:
         raise SystemExit(f"the runs hold out different splits (data set, --validation_size): "
                          f"{sorted(held_out)}")
     config = configs[0]
-    data = load_dataset(config.data_dir or None, validation_size=config.validation_size,
-                        dataset=config.dataset)
-    split = data.validation if args.split == "validation" else data.test
+    if args.split == "test":  # as the runs read it
+        split = load_test_split(config)
+    else:
+        split = load_dataset(config.data_dir or None, validation_size=config.validation_size,
+                             dataset=config.dataset).validation
     if split is None:
         raise SystemExit(f"{args.workdirs[0]} held out no validation split "
                          "(--validation_size=0)")
