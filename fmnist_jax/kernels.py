@@ -160,13 +160,18 @@ def _patches(x: jax.Array, kh: int, kw: int, pads) -> jax.Array:
 
 
 def _dot(a: jax.Array, b: jax.Array, dimension_numbers, dtype=None) -> jax.Array:
-    """``lax.dot_general`` summed in float32, returned in ``dtype`` (by default the
-    operands'). For bfloat16 operands XLA:CPU then runs its bfloat16 matmul, faster than
-    float32's on a CPU with AVX512_BF16, where a bfloat16 result took a path slower than
-    float32's (figures in experiments/README.md); for float32 operands it is the plain
-    matmul."""
+    """``lax.dot_general`` summed in float32 at least (:func:`_sum_dtype`), returned in
+    ``dtype`` (by default the operands'). For bfloat16 operands XLA:CPU then runs its
+    bfloat16 matmul, faster than float32's on a CPU with AVX512_BF16, where a bfloat16
+    result took a path slower than float32's (figures in experiments/README.md); for
+    float32 or float64 operands it is the plain matmul."""
     return jax.lax.dot_general(a, b, dimension_numbers,
-                               preferred_element_type=jnp.float32).astype(dtype or a.dtype)
+                               preferred_element_type=_sum_dtype(a)).astype(dtype or a.dtype)
+
+
+def _sum_dtype(a: jax.Array):
+    """float32 for bfloat16, float16 and float32 operands; float64 for float64 ones."""
+    return jnp.promote_types(a.dtype, jnp.float32)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -241,13 +246,13 @@ def _grad_input(grad: jax.Array, kernel: jax.Array, pads, images: int) -> jax.Ar
     :func:`_col2im`; with ``images``, one slice of that many images at a time, so that
     the patches' gradient (kh*kw times the input) is added back while it is in the cache,
     faster for large patches (figures in experiments/README.md). The patches' gradient
-    and its sum are float32 whatever the operands (XLA:CPU adds bfloat16 slices several
+    and its sum are float32 at least (XLA:CPU adds bfloat16 slices several
     times slower than float32 ones); the result has the operands' dtype."""
     kh, kw, cin, cout = kernel.shape
 
     def one(g):
         grad_patches = _dot(g, kernel.reshape(-1, cout), (((3,), (1,)), ((), ())),
-                            jnp.float32)
+                            _sum_dtype(g))
         return _col2im(grad_patches, kh, kw, cin, pads).astype(g.dtype)
 
     if not images:
