@@ -152,8 +152,9 @@ class Config:
                            resumable=True)
     compilation_cache: bool = _f(True, "fmnist-train: keep compiled programs in JAX's "
                                        "persistent cache ($XDG_CACHE_HOME/fmnist_jax/jax), "
-                                       "so later runs start faster (fit() in Python leaves "
-                                       "JAX's setting alone: see enable_compilation_cache)",
+                                       "so later runs start faster; off for a run of several "
+                                       "processes on CPUs (fit() in Python leaves JAX's "
+                                       "setting alone: see enable_compilation_cache)",
                                  resumable=True)
     test_every_epoch: bool = _f(False, "also evaluate the test split after every epoch "
                                        "(for time-to-accuracy benchmarks; choose models "

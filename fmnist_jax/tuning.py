@@ -21,11 +21,21 @@ from fmnist_jax.data import cache_dir
 
 
 def tune_command_line(compilation_cache: bool) -> None:
-    """Everything a command-line tool does to its process before it computes."""
-    if compilation_cache:  # first: the check of unroll_threefry_on_cpu compiles
+    """Everything a command-line tool does to its process before it computes (and after
+    it joined the other hosts: :func:`fmnist_jax.parallel.join`)."""
+    if compilation_cache and not _cpu_hosts():  # first: unroll_threefry_on_cpu compiles
         enable_compilation_cache()
     unroll_threefry_on_cpu()
     _listen(trim_after_compiling)
+
+
+def _cpu_hosts() -> bool:
+    """Whether several processes share this run on CPUs. The persistent cache is left off
+    there: with jax/jaxlib 0.12.1, a program whose collectives cross processes (Gloo) hangs
+    when it is read back from the cache (two processes x two CPU devices, 2026-12-06: the
+    second run hangs at its first step; 0.12.0.1 and 0.10.2 run it). Such runs try the
+    multi-host path; they seldom compile long enough for the cache to matter."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
 @functools.cache

@@ -106,8 +106,12 @@ def _two_hosts(synthetic_dir, workdir, *args, env_of=lambda i: {}):
 
 
 def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
-    """The multi-host path: 2 processes x 2 CPU devices, joined by jax.distributed."""
-    outs = _two_hosts(synthetic_dir, tmp_path, "--epochs=1")
+    """The multi-host path: 2 processes x 2 CPU devices, joined by jax.distributed. JAX's
+    persistent compilation cache stays off (with jax 0.12.1 a cross-process program read
+    back from it hangs)."""
+    cache = tmp_path / "cache"
+    outs = _two_hosts(synthetic_dir, tmp_path, "--epochs=1",
+                      env_of=lambda i: {"XDG_CACHE_HOME": str(cache)})
     assert [o[0] for o in outs] == [0, 0], outs[0][2][-2000:] + outs[1][2][-2000:]
     assert "epoch   1/1" in outs[0][1] and "test: loss" in outs[0][1]
     # Only process 0 prints (Gloo, the CPU collectives library, announces its connections
@@ -118,6 +122,7 @@ def test_two_hosts_on_one_machine(synthetic_dir, tmp_path):
     assert summary["test_count"] == SYNTHETIC_TEST and summary["test_accuracy"] > 0.8
     assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()
     assert (tmp_path / "confusion_matrix.png").is_file()  # plots from both hosts' logits
+    assert not (cache / "fmnist_jax" / "jax").exists()
 
 
 def _free_port() -> int:
