@@ -1,5 +1,6 @@
 """Data augmentation on the device, inside the jitted train step: random crop, horizontal
-flip and random erasing, each drawn per image from the step's key.
+flip and random erasing, each drawn per image from the step's key; and :class:`Mix`,
+MixUp and CutMix, which mix pairs of images and weigh both labels in the loss.
 
 Images come in as float pixels ``(N, 28, 28, 1)`` (0 to 255, before standardisation), so
 padding and erasing use black (0), the background of Fashion-MNIST. All three are plain ``jax``
@@ -82,3 +83,62 @@ def random_erasing(images: jax.Array, key: jax.Array, probability: float,
     apply = jax.random.bernoulli(k_apply, probability, (n,))
     erase = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
     return jnp.where(erase[..., None], 0.0, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """Mixing pairs of a batch's images: MixUp (Zhang et al., 2018) blends two whole images
+    with weight ``lam ~ Beta(mixup, mixup)``; CutMix (Yun et al., 2019) pastes a rectangle
+    of the other image covering ``1 - lam ~ Beta(cutmix, cutmix)`` of the area (centred on
+    a random pixel, clipped to the image), and ``lam`` becomes the share of pixels kept.
+    Each image is mixed with probability ``prob``, with the image at its place in a random
+    permutation of the batch; with both on, each mixed image gets one of the two (1/2
+    each). The train step's loss is ``lam * loss(label) + (1 - lam) * loss(partner's
+    label)`` (:func:`fmnist_jax.steps.mixed_loss`). An ``alpha`` of 0 turns its method off."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    prob: float = 1.0
+
+    def __bool__(self) -> bool:
+        return bool(self.mixup or self.cutmix) and self.prob > 0
+
+    def __call__(self, images: jax.Array, key: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(images, partner, lam)``: the mixed images, the index in the batch of each
+        one's partner, and each one's weight of its own label (1 where not mixed)."""
+        n, h, w, _ = images.shape
+        k_perm, k_apply, k_which, k_mixup, k_cutmix = jax.random.split(key, 5)
+        partner = jax.random.permutation(k_perm, n)
+        other = images[partner]
+        mixed = jax.random.bernoulli(k_apply, self.prob, (n,))
+        lam = jnp.ones((n,), jnp.float32)
+        out = images
+        cut = jnp.ones((n,), bool) if not self.mixup else (
+            jax.random.bernoulli(k_which, 0.5, (n,)) if self.cutmix else jnp.zeros((n,), bool))
+        if self.mixup:
+            blend = mixed & ~cut
+            lam_mixup = jax.random.beta(k_mixup, self.mixup, self.mixup, (n,))
+            lam = jnp.where(blend, lam_mixup, lam)
+            weight = lam[:, None, None, None].astype(images.dtype)
+            out = jnp.where(blend[:, None, None, None],
+                            weight * images + (1 - weight) * other, out)
+        if self.cutmix:
+            box = _cutmix_boxes(k_cutmix, n, h, w, self.cutmix) & (mixed & cut)[:, None, None]
+            lam = jnp.where(mixed & cut, 1 - box.sum((1, 2)) / (h * w), lam)
+            out = jnp.where(box[..., None], other, out)
+        return out, partner, lam
+
+
+def _cutmix_boxes(key: jax.Array, n: int, h: int, w: int, alpha: float) -> jax.Array:
+    """``(n, h, w)`` masks of one rectangle each: sides ``sqrt(1 - lam)`` of the image's,
+    ``lam ~ Beta(alpha, alpha)``, centred on a random pixel, clipped to the image."""
+    k_lam, k_y, k_x = jax.random.split(key, 3)
+    side = jnp.sqrt(1 - jax.random.beta(k_lam, alpha, alpha, (n,)))
+    bh, bw = jnp.round(side * h).astype(jnp.int32), jnp.round(side * w).astype(jnp.int32)
+    cy, cx = jax.random.randint(k_y, (n,), 0, h), jax.random.randint(k_x, (n,), 0, w)
+    y0, x0 = cy - bh // 2, cx - bw // 2
+    rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
+    in_rows = (rows >= y0[:, None]) & (rows < (y0 + bh)[:, None])
+    in_cols = (cols >= x0[:, None]) & (cols < (x0 + bw)[:, None])
+    return in_rows[:, :, None] & in_cols[:, None, :]

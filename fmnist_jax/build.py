@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from fmnist_jax import adapt
-from fmnist_jax.augment import Augment
+from fmnist_jax.augment import Augment, Mix
 from fmnist_jax.config import Config
 from fmnist_jax.data import DataSpec, Dataset, load_dataset
 from fmnist_jax.errors import UserError
@@ -97,6 +97,7 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
                        ema_decay=config.ema_decay,
                        augment=Augment(config.random_crop, config.random_flip,
                                        config.random_erasing) or None,
+                       mix=Mix(config.mixup, config.cutmix, config.mix_prob) or None,
                        tta_flip=config.tta_flip, tta_shift=config.tta_shift,
                        accumulate_steps=config.accumulate_steps, statistics=statistics)
     return Built(pipeline, spec, graphdef, state, steps, schedule, custom,

@@ -82,6 +82,14 @@ class Config:
     random_flip: bool = _f(False, "augmentation: mirror left-right with probability 1/2")
     random_erasing: float = _f(0.0, "augmentation: black out a random rectangle with this "
                                "probability")
+    mixup: float = _f(0.0, "augmentation: MixUp, each image blended with another of the "
+                           "batch with weight ~ Beta(a, a), a this value (0.2 to 1 are usual; "
+                           "0: off); the loss weighs both labels")
+    cutmix: float = _f(0.0, "augmentation: CutMix, a rectangle of another image of the batch "
+                            "pasted in, covering ~ Beta(a, a) of the area, a this value (1 is "
+                            "usual; 0: off); the loss weighs both labels by their pixels")
+    mix_prob: float = _f(1.0, "the share of training images --mixup or --cutmix mixes (with "
+                              "both on, half of them each)")
     tta_flip: bool = _f(False, "test-time augmentation: the run's model is evaluated "
                                 "(summary's validation and test, fmnist-evaluate, predict, "
                                 "export) on the mean of the logits of each image and of its "
@@ -241,6 +249,9 @@ class Config:
             (0 <= self.random_crop <= 14, "--random_crop must be 0 to 14 pixels"),
             (0 <= self.tta_shift <= 14, "--tta_shift must be 0 to 14 pixels"),
             (0 <= self.random_erasing <= 1, "--random_erasing must be in [0, 1]"),
+            (self.mixup >= 0, "--mixup must be 0 or more"),
+            (self.cutmix >= 0, "--cutmix must be 0 or more"),
+            (0 <= self.mix_prob <= 1, "--mix_prob must be in [0, 1]"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be 0 or more"),
             (self.clip_grad_norm >= 0, "--clip_grad_norm must be 0 or more"),

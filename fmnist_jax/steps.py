@@ -125,6 +125,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, loss: str = "sparse",
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def mixed_loss(loss_fn: LossFn, logits: jax.Array, labels: jax.Array, partner: jax.Array,
+               lam: jax.Array) -> jax.Array:
+    """Per-example loss of mixed images (:class:`fmnist_jax.augment.Mix`): ``lam`` of the
+    loss of each image's own label and ``1 - lam`` of its partner's. ``loss_fn`` must give
+    one loss per example."""
+    own, other = loss_fn(logits, labels), loss_fn(logits, labels[partner])
+    if own.shape != labels.shape:
+        raise ValueError(f"--mixup and --cutmix need a loss_fn that gives one loss per "
+                         f"example, shape {labels.shape}; it gave shape {own.shape}")
+    return lam * own + (1 - lam) * other
+
+
 def make_loss(loss: str = "sparse", label_smoothing: float = 0.0) -> LossFn:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -139,8 +151,8 @@ def _merge(graphdef, variables: dict) -> nnx.Module:
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_fn: LossFn, ema_decay: float = 0.0,
-               augment: Callable | None = None, accumulate_steps: int = 1,
-               statistics: Statistics = FASHION_MNIST_STATISTICS
+               augment: Callable | None = None, mix: Callable | None = None,
+               accumulate_steps: int = 1, statistics: Statistics = FASHION_MNIST_STATISTICS
                ) -> tuple[TrainState, dict]:
     """One training step. Returns the new state and the batch's mean loss and accuracy.
     ``state.step`` counts these steps; with ``accumulate_steps`` = N (``tx`` an
@@ -153,11 +165,18 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     float32, as are the gradients of float32 parameters. When the state keeps
     moving averages, they move with weight :func:`ema_decay_at`. ``augment`` (an
     :class:`fmnist_jax.augment.Augment`) transforms the float pixels with the key
-    ``fold_in(state.rng, state.step)``.
+    ``fold_in(state.rng, state.step)``; then ``mix`` (a :class:`fmnist_jax.augment.Mix`)
+    mixes pairs of them with ``fold_in`` of that key and 1, and the loss weighs both
+    labels (:func:`mixed_loss`); the accuracy counts each image's own label.
     """
-    images = batch["image"].astype(jnp.float32)
+    images, labels = batch["image"].astype(jnp.float32), batch["label"]
+    key = jax.random.fold_in(state.rng, state.step)
     if augment:
-        images = augment(images, jax.random.fold_in(state.rng, state.step))
+        images = augment(images, key)
+    example_loss = loss_fn
+    if mix:
+        images, partner, lam = mix(images, jax.random.fold_in(key, 1))
+        example_loss = functools.partial(mixed_loss, loss_fn, partner=partner, lam=lam)
     images = normalize(images, statistics)
 
     def objective(params, rngs, model_state):
@@ -168,14 +187,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         _, _, new_rngs, new_model_state = split_model(model)
         new_model_state = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                        new_model_state, model_state)
-        loss = loss_fn(logits.astype(jnp.float32), batch["label"]).mean()
+        loss = example_loss(logits.astype(jnp.float32), labels).mean()
         return loss, (logits, new_rngs, new_model_state)
 
     (loss, (logits, rngs, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params, state.rngs, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = (logits.argmax(-1) == batch["label"]).mean()
+    accuracy = (logits.argmax(-1) == labels).mean()
     ema = state.ema
     if ema is not None:
         updates_done = state.step // accumulate_steps  # 0-based index of this update
@@ -285,8 +304,8 @@ class Steps(NamedTuple):
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                *, replicated=None, ema_decay: float = 0.0,
-               augment: Callable | None = None, tta_flip: bool = False,
-               tta_shift: int = 0, accumulate_steps: int = 1,
+               augment: Callable | None = None, mix: Callable | None = None,
+               tta_flip: bool = False, tta_shift: int = 0, accumulate_steps: int = 1,
                statistics: Statistics = FASHION_MNIST_STATISTICS) -> Steps:
     """Binds the static pieces and jits; training functions donate the state.
     ``tta_flip`` and ``tta_shift`` (see :func:`tta_views`) apply to ``eval_step`` and
@@ -296,7 +315,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn
     mesh, so that the outputs of one call fit the inputs of the next without recompiling.
     """
     train = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
-                              ema_decay=ema_decay, augment=augment,
+                              ema_decay=ema_decay, augment=augment, mix=mix,
                               accumulate_steps=accumulate_steps, statistics=statistics)
     pinned = {} if replicated is None else {"out_shardings": replicated}
     options = {"donate_argnums": 0, "compiler_options": cpu_compiler_options(), **pinned}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from fmnist_jax.augment import Augment, random_crop, random_erasing, random_flip
+from fmnist_jax.augment import Augment, Mix, random_crop, random_erasing, random_flip
 
 
 def _images(n=64):
@@ -58,3 +58,54 @@ def test_augment_composes_and_is_reproducible():
     assert a.shape == x.shape and a.dtype == x.dtype
     assert not np.array_equal(a, aug(x, jax.random.key(5)))
     assert not Augment() and Augment(flip=True)
+
+
+def _labelled_images(n):
+    """Image i holds the value i + 1 in every pixel: each pixel names its image."""
+    return jax.numpy.broadcast_to(jax.numpy.arange(1.0, n + 1)[:, None, None, None],
+                                  (n, 28, 28, 1))
+
+
+def test_cutmix_pastes_one_rectangle_of_the_partner_and_lam_counts_its_pixels():
+    n = 400
+    out, partner, lam = Mix(cutmix=1.0)(_labelled_images(n), jax.random.key(6))
+    out, partner, lam = np.asarray(out)[..., 0], np.asarray(partner), np.asarray(lam)
+    assert sorted(partner) == list(range(n))  # a permutation of the batch
+    sizes = []
+    for i in range(n):
+        own, pasted = out[i] == i + 1, out[i] == partner[i] + 1
+        if partner[i] == i:
+            continue
+        assert (own | pasted).all()
+        assert abs(lam[i] - own.sum() / 784) < 1e-6  # the share of its own pixels
+        if pasted.any():
+            rows, cols = np.nonzero(pasted.any(1))[0], np.nonzero(pasted.any(0))[0]
+            assert pasted[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # a rectangle
+        sizes.append(1 - lam[i])
+    # Beta(1, 1) areas, less what falls outside the image: a mean a little under 1/2.
+    assert 0.25 < np.mean(sizes) < 0.5 and min(sizes) < 0.05 and max(sizes) > 0.8
+
+
+def test_mixup_blends_whole_images_with_lam():
+    n = 200
+    x = _labelled_images(n)
+    out, partner, lam = Mix(mixup=0.4)(x, jax.random.key(7))
+    expect = lam * (np.arange(n) + 1) + (1 - lam) * (np.asarray(partner) + 1)
+    np.testing.assert_allclose(np.asarray(out)[:, 5, 9, 0], expect, rtol=1e-6)
+    assert np.ptp(np.asarray(out), axis=(1, 2, 3)).max() == 0  # whole images, no patches
+    assert 0.35 < float(np.mean(lam)) < 0.65 and float(np.min(lam)) < 0.05
+
+
+def test_mix_prob_and_both_methods():
+    n = 1000
+    x = _labelled_images(n)
+    _, partner, lam = Mix(cutmix=1.0, prob=0.3)(x, jax.random.key(8))
+    mixed = np.asarray(lam) < 1
+    assert 0.24 < mixed.mean() < 0.33  # 0.3, less the boxes drawn empty
+    out, partner, lam = Mix(mixup=1.0, cutmix=1.0)(x, jax.random.key(9))
+    out = np.asarray(out)[..., 0]
+    flat = np.ptp(out, axis=(1, 2)) == 0  # a blend (or an image with itself)
+    assert 400 < flat.sum() < 600  # half of them each
+    jitted = jax.jit(Mix(mixup=1.0, cutmix=1.0))(x, jax.random.key(9))
+    np.testing.assert_allclose(jitted[0][..., 0], out, rtol=1e-6)  # XLA may fuse the blend
+    assert not Mix() and not Mix(cutmix=1.0, prob=0.0) and Mix(mixup=0.2)

@@ -83,6 +83,37 @@ def test_train_step_learns_and_updates_batch_stats():
     assert all(jax.tree.leaves(changed))  # running mean and variance moved
 
 
+def test_mixed_train_step_loss_weighs_both_labels():
+    """With MixUp and CutMix on, the step's loss is, image by image, lam times the loss of
+    its own label plus 1 - lam times its partner's, on the images Mix made from the
+    step's key; the accuracy counts the own labels."""
+    from fmnist_jax.augment import Mix
+    from fmnist_jax.steps import mixed_loss
+
+    model = create_model("mlp", rngs=nnx.Rngs(0), hidden=(64,), dropout=0.0)
+    tx, mix, loss_fn = optax.adam(3e-3), Mix(mixup=0.4, cutmix=1.0, prob=0.8), make_loss()
+    graphdef, state = create_train_state(model, tx, jax.random.key(1))
+    batch = _batch(64)
+    key = jax.random.fold_in(state.rng, state.step)
+    images, partner, lam = mix(batch["image"].astype(jnp.float32), jax.random.fold_in(key, 1))
+    assert 0 < int((lam < 1).sum()) < 64 and len(set(np.asarray(partner))) == 64
+    m = nnx.merge(graphdef, state.params, state.rngs, state.model_state, copy=True)
+    logits = m(normalize(images))
+    by_hand = jnp.mean(lam * loss_fn(logits, batch["label"])
+                       + (1 - lam) * loss_fn(logits, batch["label"][partner]))
+    np.testing.assert_allclose(mixed_loss(loss_fn, logits, batch["label"], partner, lam),
+                               lam * loss_fn(logits, batch["label"])
+                               + (1 - lam) * loss_fn(logits, batch["label"][partner]))
+    accuracy = jnp.mean(logits.argmax(-1) == batch["label"])
+    steps = make_steps(graphdef, tx, loss_fn, mix=mix)
+    _, metrics = steps.train_step(state, batch)
+    np.testing.assert_allclose(metrics["loss"], by_hand, rtol=1e-5)
+    assert float(metrics["accuracy"]) == float(accuracy)
+    assert abs(float(by_hand) - float(jnp.mean(loss_fn(logits, batch["label"])))) > 0.01
+    with pytest.raises(ValueError, match="one loss per example"):
+        mixed_loss(lambda *a: loss_fn(*a).mean(), logits, batch["label"], partner, lam)
+
+
 def test_train_step_donates_the_state():
     _, state, steps = _setup("mlp")
     old = state

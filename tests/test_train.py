@@ -96,6 +96,24 @@ def test_resnet_preset_trains_with_every_augmentation():
     assert plain.history[0]["train_loss"] != result.history[0]["train_loss"]  # it augmented
 
 
+def test_mixup_and_cutmix_train_from_their_flags():
+    """--mixup and --cutmix reach the train step: a run that mixes learns, with another
+    first-epoch loss than without; out-of-range values are refused by name."""
+    from fmnist_jax.cli import parse_config
+
+    config = preset("cnn", features=(8, 16), dense=32, epochs=2, batch_size=32, **QUICK)
+    mixed = fit(config.replace(mixup=0.4, cutmix=1.0, mix_prob=0.5), data=tiny_dataset())
+    plain = fit(config, data=tiny_dataset())
+    assert mixed.summary["test_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert mixed.history[0]["train_loss"] > plain.history[0]["train_loss"]
+    assert (mixed.config.cutmix, mixed.config.mix_prob) == (1.0, 0.5)
+    for flag, message in (("--mixup=-1", "--mixup must be 0 or more"),
+                          ("--cutmix=-0.5", "--cutmix must be 0 or more"),
+                          ("--mix_prob=1.5", r"--mix_prob must be in \[0, 1\]")):
+        with pytest.raises(UserError, match=message):
+            parse_config([flag])
+
+
 def test_best_epoch_and_early_stopping_are_derived_from_the_history():
     from fmnist_jax.loop import Progress, best_epoch
 
