@@ -94,7 +94,8 @@ class Mix:
     Each image is mixed with probability ``prob``, with the image at its place in a random
     permutation of the batch; with both on, each mixed image gets one of the two (1/2
     each). The train step's loss is ``lam * loss(label) + (1 - lam) * loss(partner's
-    label)`` (:func:`fmnist_jax.steps.mixed_loss`). An ``alpha`` of 0 turns its method off."""
+    label)`` (:func:`fmnist_jax.steps.mixed_loss`). A ``mixup`` or ``cutmix`` of 0 turns
+    that method off."""
 
     mixup: float = 0.0
     cutmix: float = 0.0
