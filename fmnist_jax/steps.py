@@ -167,16 +167,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     :class:`fmnist_jax.augment.Augment`) transforms the float pixels with the key
     ``fold_in(state.rng, state.step)``; then ``mix`` (a :class:`fmnist_jax.augment.Mix`)
     mixes pairs of them with ``fold_in`` of that key and 1, and the loss weighs both
-    labels (:func:`mixed_loss`); the accuracy counts each image's own label.
+    labels (:func:`mixed_loss`); the accuracy counts each image's label of larger weight.
     """
     images, labels = batch["image"].astype(jnp.float32), batch["label"]
     key = jax.random.fold_in(state.rng, state.step)
     if augment:
         images = augment(images, key)
-    example_loss = loss_fn
+    example_loss, counted = loss_fn, labels
     if mix:
         images, partner, lam = mix(images, jax.random.fold_in(key, 1))
         example_loss = functools.partial(mixed_loss, loss_fn, partner=partner, lam=lam)
+        counted = jnp.where(lam >= 0.5, labels, labels[partner])
     images = normalize(images, statistics)
 
     def objective(params, rngs, model_state):
@@ -194,7 +195,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         state.params, state.rngs, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = (logits.argmax(-1) == labels).mean()
+    accuracy = (logits.argmax(-1) == counted).mean()
     ema = state.ema
     if ema is not None:
         updates_done = state.step // accumulate_steps  # 0-based index of this update
