@@ -77,12 +77,19 @@ def random_erasing(images: jax.Array, key: jax.Array, probability: float,
     ew = jnp.clip(jnp.round(jnp.sqrt(target / ratio)), 1, w).astype(jnp.int32)
     y0 = jnp.floor(jax.random.uniform(k_y, (n,)) * (h - eh + 1)).astype(jnp.int32)
     x0 = jnp.floor(jax.random.uniform(k_x, (n,)) * (w - ew + 1)).astype(jnp.int32)
-    rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
-    in_rows = (rows >= y0[:, None]) & (rows < (y0 + eh)[:, None])  # (n, h)
-    in_cols = (cols >= x0[:, None]) & (cols < (x0 + ew)[:, None])  # (n, w)
     apply = jax.random.bernoulli(k_apply, probability, (n,))
-    erase = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
+    erase = _rectangles(h, w, y0, x0, eh, ew) & apply[:, None, None]
     return jnp.where(erase[..., None], 0.0, images)
+
+
+def _rectangles(h: int, w: int, top: jax.Array, left: jax.Array, height: jax.Array,
+                width: jax.Array) -> jax.Array:
+    """``(n, h, w)`` masks, each of one rectangle of ``height`` x ``width`` pixels from
+    ``(top, left)`` (per image), the parts outside the image left out."""
+    rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (n, h)
+    in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (n, w)
+    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +122,10 @@ class Mix:
         mixed = jax.random.bernoulli(k_apply, self.prob, (n,))
         lam = jnp.ones((n,), jnp.float32)
         out = images
-        cut = jnp.ones((n,), bool) if not self.mixup else (
-            jax.random.bernoulli(k_which, 0.5, (n,)) if self.cutmix else jnp.zeros((n,), bool))
+        if self.mixup and self.cutmix:  # which of the two, image by image
+            cut = jax.random.bernoulli(k_which, 0.5, (n,))
+        else:
+            cut = jnp.full((n,), bool(self.cutmix))
         if self.mixup:
             blend = mixed & ~cut
             lam_mixup = jax.random.beta(k_mixup, self.mixup, self.mixup, (n,))
@@ -138,8 +147,4 @@ def _cutmix_boxes(key: jax.Array, n: int, h: int, w: int, alpha: float) -> jax.A
     side = jnp.sqrt(1 - jax.random.beta(k_lam, alpha, alpha, (n,)))
     bh, bw = jnp.round(side * h).astype(jnp.int32), jnp.round(side * w).astype(jnp.int32)
     cy, cx = jax.random.randint(k_y, (n,), 0, h), jax.random.randint(k_x, (n,), 0, w)
-    y0, x0 = cy - bh // 2, cx - bw // 2
-    rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
-    in_rows = (rows >= y0[:, None]) & (rows < (y0 + bh)[:, None])
-    in_cols = (cols >= x0[:, None]) & (cols < (x0 + bw)[:, None])
-    return in_rows[:, :, None] & in_cols[:, None, :]
+    return _rectangles(h, w, cy - bh // 2, cx - bw // 2, bh, bw)
