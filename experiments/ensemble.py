@@ -24,9 +24,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fmnist_jax.data import load_dataset
 from fmnist_jax.inference import load_model, read_run
-from fmnist_jax.input_pipeline import load_test_split
+from fmnist_jax.input_pipeline import load_split
 
 
 def accuracy_by_size(probabilities: np.ndarray, labels: np.ndarray) -> dict[int, list[float]]:
@@ -49,12 +48,7 @@ def main() -> None:
     if len(held_out) > 1:
         raise SystemExit(f"the runs hold out different splits (data set, --validation_size): "
                          f"{sorted(held_out)}")
-    config = configs[0]
-    if args.split == "test":  # as the runs read it
-        split = load_test_split(config)
-    else:
-        split = load_dataset(config.data_dir or None, validation_size=config.validation_size,
-                             dataset=config.dataset).validation
+    split = load_split(configs[0], args.split)  # as the runs read it
     if split is None:
         raise SystemExit(f"{args.workdirs[0]} held out no validation split "
                          "(--validation_size=0)")

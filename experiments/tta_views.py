@@ -21,8 +21,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax.data import load_dataset
 from fmnist_jax.inference import load_model, read_run
+from fmnist_jax.input_pipeline import load_split
 from fmnist_jax.steps import tta_views
 
 # Every translation of up to 2 pixels, in the order of tta_views(shift=2); each set below
@@ -46,11 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     classifier = load_model(args.workdir)
     config = read_run(Path(args.workdir))[0]
-    data = load_dataset(config.data_dir or None, validation_size=config.validation_size,
-                        dataset=config.dataset)
-    if data.validation is None:
+    split = load_split(config, "validation")  # as the run read it
+    if split is None:
         raise SystemExit(f"{args.workdir} held out no validation split (--validation_size=0)")
-    images, labels = data.validation  # (N, H, W, C), as every Split holds them
+    images, labels = split  # (N, H, W, C), as every Split holds them
     # The run's own evaluation, one view an image, on each translated copy of the split
     plain = dataclasses.replace(classifier, tta_shift=0, tta_flip=False)
     per_view = {offset: plain.logits(np.asarray(view))

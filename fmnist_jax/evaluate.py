@@ -21,7 +21,7 @@ from fmnist_jax.cli import build_parser, quiet_library_logs
 from fmnist_jax.data import IDX_DATASETS
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import load_model, read_run
-from fmnist_jax.input_pipeline import load_test_split
+from fmnist_jax.input_pipeline import load_split
 from fmnist_jax.metrics import classification
 from fmnist_jax.plots import confusion_matrix, plot_confusion_matrix
 
@@ -51,7 +51,7 @@ def evaluate(workdir: str, step: int | None = None, best: bool = False,
     if spec.name not in IDX_DATASETS and config.data_source != "tfds":
         raise UserError(f"{workdir} trained on arrays given to fit ({spec.name}): evaluate "
                         "it in Python, load_model(workdir).evaluate(x_test, y_test)")
-    test = load_test_split(config, data_dir or None)
+    test = load_split(config, "test", data_dir or None)
     logits = classifier.logits(test.images)
     predictions = logits.argmax(-1)
     scores = classification(logits, test.labels)

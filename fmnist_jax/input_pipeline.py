@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from fmnist_jax.data import (CLASS_NAMES, IDX_DATASETS, IMAGE_SHAPE, DataSpec, Split,
-                             find_files, idx_dataset, load_arrays, pixel_statistics)
+                             find_files, idx_dataset, load_arrays, pixel_statistics,
+                             split_validation)
 from fmnist_jax.errors import UserError
 from fmnist_jax.parallel import Devices, to_host
 from fmnist_jax.steps import Steps, TrainState
@@ -296,17 +297,26 @@ def load_tfds(config, devices: Devices, seed: int) -> tuple[Streamed, DataSpec]:
 STATISTICS_SAMPLE = 10_000
 
 
-def load_test_split(config, data_dir: str | None = None) -> Split:
-    """The test split as the run of ``config`` read it (IDX files or tfds), on the host;
-    ``data_dir`` overrides the run's."""
+def load_split(config, which: str = "test", data_dir: str | None = None) -> Split | None:
+    """The ``test`` or ``validation`` split as the run of ``config`` read it (IDX files or
+    tfds), on the host: validation is the first ``config.validation_size`` training images,
+    None when the run held none out. ``data_dir`` overrides the run's."""
+    if which not in ("test", "validation"):
+        raise ValueError(f"which={which!r}: 'test' or 'validation'")
+    if which == "validation" and config.validation_size == 0:
+        return None
     data_dir = data_dir or config.data_dir or None
     if config.data_source == "tfds":
         sources = load_tfds_sources(data_dir, _manual_dir(config.dataset), config.dataset)
-        source = sources["test"]
-        records = [_record(source[i], sources["image_shape"]) for i in range(len(source))]
+        source = sources[which] if which == "test" else sources["train"]
+        n = len(source) if which == "test" else config.validation_size
+        records = [_record(source[i], sources["image_shape"]) for i in range(n)]
         return Split(np.stack([r["image"] for r in records]),
                      np.array([r["label"] for r in records], np.int32))
-    return Split(*load_arrays(data_dir, idx_dataset(config.dataset))[1])
+    train, test, _ = load_arrays(data_dir, idx_dataset(config.dataset))
+    if which == "test":
+        return test
+    return split_validation(train, config.validation_size)[1]
 
 
 def _manual_dir(dataset: str) -> str | None:

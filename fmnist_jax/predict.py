@@ -31,7 +31,7 @@ from fmnist_jax.cli import _Parser, output_pipe_closed, quiet_library_logs
 from fmnist_jax.data import IDX_DATASETS, DataSpec
 from fmnist_jax.errors import UserError
 from fmnist_jax.inference import Classifier, load_model, read_run
-from fmnist_jax.input_pipeline import load_test_split
+from fmnist_jax.input_pipeline import load_split
 
 MAX_SIDE = 4096
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec.name not in IDX_DATASETS and config.data_source != "tfds":
                 raise UserError(f"--test_index: {args.workdir} trained on arrays given to "
                                 "fit, which the command line cannot load")
-            test = load_test_split(config, args.data_dir or None)
+            test = load_split(config, "test", args.data_dir or None)
             for i in args.test_index:
                 if not 0 <= i < len(test.labels):
                     raise UserError(f"--test_index={i} must be in [0, {len(test.labels)})")

@@ -124,6 +124,21 @@ def test_validation_split_is_the_first_images():
         split_validation(Split(images, np.arange(10, dtype=np.int32)), 10)
 
 
+def test_a_runs_splits_are_read_again_as_it_read_them(use_synthetic):
+    from fmnist_jax import Config
+    from fmnist_jax.input_pipeline import load_split
+
+    data_set = data.load_dataset(validation_size=500)
+    validation = load_split(Config(validation_size=500), "validation")
+    assert np.array_equal(validation.images, data_set.validation.images)
+    assert np.array_equal(validation.labels, data_set.validation.labels)
+    test = load_split(Config(validation_size=500), "test")
+    assert np.array_equal(test.images, data_set.test.images) and len(test.labels) == 1000
+    assert load_split(Config(validation_size=0), "validation") is None
+    with pytest.raises(ValueError, match="'test' or 'validation'"):
+        load_split(Config(), "train")
+
+
 # ------------------------------------------------------------------ discovery order
 
 @pytest.fixture

@@ -188,6 +188,14 @@ def test_tfds_image_classification_datasets_by_name(tmp_path):
         assert result.summary["test_count"] == 64
         from fmnist_jax.evaluate import evaluate
         assert evaluate(str(tmp_path))["test_accuracy"] == result.summary["test_accuracy"]
+        # The splits as the run read them, for scripts that evaluate a finished run
+        from fmnist_jax.input_pipeline import load_split, load_tfds_sources
+        validation, test = load_split(config, "validation"), load_split(config, "test")
+        train = load_tfds_sources(None, None, "cifar10")["train"]
+        assert validation.images.shape == (16, 32, 32, 3) and len(test.labels) == 64
+        assert [int(train[i]["label"]) for i in range(16)] == validation.labels.tolist()
+        assert np.array_equal(np.stack([train[i]["image"] for i in range(16)]),
+                              validation.images)
     assert jax.tree.leaves(result.state.params)[0].ndim >= 1
 
 
