@@ -20,7 +20,7 @@ from fmnist_jax.config import Config
 from fmnist_jax.data import DataSpec, Dataset, load_dataset
 from fmnist_jax.errors import UserError
 from fmnist_jax.input_pipeline import DeviceResident, Pipeline, load_tfds
-from fmnist_jax.models import create_model
+from fmnist_jax.models import create_model, whiten_first_convolution, whitening_filters
 from fmnist_jax.optim import make_optimizer, make_schedule
 from fmnist_jax.parallel import Devices
 from fmnist_jax.steps import (LossFn, Steps, TrainState, create_train_state, make_loss,
@@ -86,7 +86,13 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
     statistics = (spec.mean, spec.std)
     sample = normalize(pipeline.split("test").images[:2], statistics)
     if model is None:
-        graphdef, state = _named_state(config, spec, optimizer, keys, devices)
+        filters = (whitening_filters(normalize(pipeline.train_sample(WHITENING_SAMPLE),
+                                               statistics)) if config.whiten else None)
+        graphdef, state = _named_state(config, spec, optimizer, keys, devices, filters)
+    elif config.whiten:
+        raise UserError("--whiten starts this library's CNN or ResNet; for a model of your "
+                        "own, set its first convolution's kernel from "
+                        "fmnist_jax.models.whitening_filters(images) before fit")
     else:
         graphdef, state = _user_state(model, config, optimizer, keys, sample, devices)
     adapt.check(graphdef, (state.params, state.rngs, state.model_state), sample,
@@ -103,6 +109,10 @@ def build(config: Config, devices: Devices, *, model=None, optimizer=None,
     return Built(pipeline, spec, graphdef, state, steps, schedule, custom,
                  custom.get("model", config.model),
                  sum(x.size for x in jax.tree.leaves(state.params)))
+
+
+# Training images whose 3x3 patches give --whiten's filters (7.8 million patches of 28x28)
+WHITENING_SAMPLE = 10_000
 
 
 def make_pipeline(config: Config, data: Dataset | None, key: jax.Array, devices: Devices
@@ -137,17 +147,21 @@ def configured_optimizer(config: Config, steps_per_epoch: int
     return optimizer, per_update if n == 1 else (lambda step: per_update(step // n))
 
 
-def _named_state(config: Config, spec: DataSpec, optimizer, keys: dict, devices: Devices
-                 ) -> tuple[nnx.GraphDef, TrainState]:
+def _named_state(config: Config, spec: DataSpec, optimizer, keys: dict, devices: Devices,
+                 filters: np.ndarray | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The named model and its optimizer state, built by one compiled program (one
     compilation-cache lookup at start-up instead of dozens for eager ops) straight onto
-    every device. The values are bitwise those of building them eagerly."""
+    every device. The values are bitwise those of building them eagerly. ``filters``:
+    the first convolution's whitening start (``--whiten``)."""
 
     def model(keys):
-        return create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
-                                                        dropout=keys["dropout"]),
-                            **config.model_kwargs(), image_shape=spec.image_shape,
-                            num_classes=spec.num_classes)
+        built = create_model(config.model, rngs=nnx.Rngs(params=keys["params"],
+                                                         dropout=keys["dropout"]),
+                             **config.model_kwargs(), image_shape=spec.image_shape,
+                             num_classes=spec.num_classes)
+        if filters is not None:
+            whiten_first_convolution(built, filters)
+        return built
 
     def init(keys) -> TrainState:
         return create_train_state(model(keys), optimizer, keys["augment"],

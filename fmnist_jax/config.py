@@ -64,6 +64,11 @@ class Config:
                           architecture=True)
     blocks: int = _f(2, "resnet: residual blocks per stage (--features gives the stages' "
                      "widths)", architecture=True)
+    whiten: bool = _f(False, "cnn, resnet: start the first convolution from the whitening "
+                             "of 3x3 patches of the training images (airbench's first "
+                             "layer, here trained on): their principal directions scaled "
+                             "to unit variance, each with its negation, largest variance "
+                             "first, as many as the layer has filters")
     # How to train it.
     optimizer: str = _f("adam", "optimizer", OPTIMIZERS)
     learning_rate: float = _f(5e-3, "peak learning rate")
@@ -263,6 +268,8 @@ class Config:
              "--features needs 1 to 4 positive channel counts"),
             (self.dense > 0, "--dense must be positive"),
             (self.blocks > 0, "--blocks must be positive"),
+            (not self.whiten or self.model in ("cnn", "resnet"),
+             "--model must be cnn or resnet for --whiten"),
             (self.checkpoint_every_steps >= 0, "--checkpoint_every_steps must be 0 or more"),
             (self.keep_checkpoints >= 1, "--keep_checkpoints must be at least 1"),
         ]

@@ -54,6 +54,9 @@ class Pipeline(Protocol):
     def split(self, name: str) -> Split:
         """The images and labels of an evaluation split, on the host."""
 
+    def train_sample(self, n: int) -> np.ndarray:
+        """The first ``n`` training images (after the validation split), on the host."""
+
 
 def batched(images: np.ndarray, batch_size: int) -> np.ndarray:
     """``(batches, batch_size, ...)`` images, the last batch padded with black images."""
@@ -155,6 +158,10 @@ class DeviceResident:
         """The images and labels of an evaluation split, on the host."""
         return self.splits[name]
 
+    def train_sample(self, n: int) -> np.ndarray:
+        """The first ``n`` training images (after the validation split), on the host."""
+        return np.asarray(self.train[0].addressable_data(0)[:n])
+
 
 def _chunked(batches: np.ndarray, chunk: int) -> np.ndarray:
     """``batches`` followed by blank batches, up to a multiple of ``chunk``."""
@@ -188,7 +195,8 @@ class Streamed:
         record = functools.partial(_record, shape=tuple(image_shape))
         self.image_shape = tuple(image_shape)
         source = grain.MapDataset.source(train).map(record)
-        self.training = source[validation_size:].shuffle(seed=seed).repeat()
+        self._train_source = source[validation_size:]
+        self.training = self._train_source.shuffle(seed=seed).repeat()
         self.num_train = len(train) - validation_size
         check_batch_size(batch_size, self.num_train, devices)
         self.batch_size = batch_size
@@ -252,6 +260,11 @@ class Streamed:
             records = list(self.sources[name].batch(max(len(self.sources[name]), 1)))
             self._splits[name] = Split(records[0]["image"], records[0]["label"])
         return self._splits[name]
+
+    def train_sample(self, n: int) -> np.ndarray:
+        """The first ``n`` training images (after the validation split), on the host."""
+        return np.stack([self._train_source[i]["image"]
+                         for i in range(min(n, self.num_train))])
 
 
 def _record(example: dict, shape: tuple[int, ...] = IMAGE_SHAPE) -> dict:

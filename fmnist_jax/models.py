@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fmnist_jax.data import IMAGE_SHAPE, NUM_CLASSES  # Fashion-MNIST's: the defaults
@@ -223,6 +224,59 @@ def create_model(name: str, *, rngs: nnx.Rngs, hidden: Sequence[int] = (300, 100
     if name == "resnet":
         return ResNet(features, blocks, dtype=dtype, rngs=rngs, **own, **data)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def whitening_filters(images, size: int = 3, eps: float = 5e-4) -> np.ndarray:
+    """Filters ``(size, size, C, 2 * size * size * C)`` that whiten the ``size`` x ``size``
+    patches of ``images`` ``(N, H, W, C)`` (normalised, as the model sees them; zeros
+    beyond the edge, as a SAME convolution pads): the patches' principal directions,
+    largest variance first, each scaled to unit variance (``eps`` added to every
+    variance) and followed by its negation, so that a ReLU after them keeps both signs.
+    airbench's first layer (arXiv 2404.00498)."""
+    images = np.asarray(images, np.float64)
+    height, width, channels = images.shape[1:]
+    before, after = (size - 1) // 2, size // 2
+    dim = size * size * channels
+    total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
+    for start in range(0, len(images), 500):  # patches of 500 images at a time
+        chunk = np.pad(images[start:start + 500],
+                       ((0, 0), (before, after), (before, after), (0, 0)))
+        # (image, y, x, i, j, channel): the order of a (size, size, C, F) kernel's rows
+        patches = np.stack([np.stack([chunk[:, i:i + height, j:j + width]
+                                      for j in range(size)], 3) for i in range(size)], 3)
+        patches = patches.reshape(-1, dim)
+        total += patches.sum(0)
+        outer += patches.T @ patches
+        count += len(patches)
+    mean = total / count
+    variances, directions = np.linalg.eigh(outer / count - np.outer(mean, mean))
+    order = np.argsort(variances)[::-1]
+    scaled = directions[:, order] / np.sqrt(np.maximum(variances[order], 0) + eps)
+    pairs = np.stack([scaled, -scaled], axis=2).reshape(dim, 2 * dim)
+    return pairs.reshape(size, size, channels, 2 * dim).astype(np.float32)
+
+
+def first_convolution(model: nnx.Module) -> nnx.Conv:
+    """The convolution that sees the images: ``CNN``'s first, ``ResNet``'s stem."""
+    if isinstance(model, CNN):
+        return model.convs[0]
+    if isinstance(model, ResNet):
+        return model.stem
+    raise TypeError(f"{type(model).__name__} is not this library's CNN or ResNet")
+
+
+def whiten_first_convolution(model: nnx.Module, filters) -> None:
+    """Starts the first convolution of ``model`` (:func:`first_convolution`) from
+    ``filters`` (:func:`whitening_filters` of its training images): they replace its first
+    filters, as many as it has (the directions of least variance are left out of a
+    narrower layer); its other filters and its bias keep their values."""
+    conv = first_convolution(model)
+    kernel = conv.kernel[...]
+    if tuple(filters.shape[:3]) != tuple(kernel.shape[:3]):
+        raise ValueError(f"filters of shape {tuple(filters.shape)} do not fit the first "
+                         f"convolution's kernel {tuple(kernel.shape)}")
+    n = min(filters.shape[-1], kernel.shape[-1])
+    conv.kernel[...] = kernel.at[..., :n].set(jnp.asarray(filters[..., :n], kernel.dtype))
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {"mlp": MLP, "cnn": CNN, "cnn_seed": CNNSeed,

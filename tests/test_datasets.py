@@ -181,7 +181,7 @@ def test_kmnist_is_known_by_its_published_digests():
 def test_tfds_image_classification_datasets_by_name(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = Config(model="cnn", features=(4,), dense=8, data_source="tfds", dataset="cifar10",
-                    validation_size=16, epochs=1, batch_size=16, **QUICK)
+                    validation_size=16, epochs=1, batch_size=16, whiten=True, **QUICK)
     with tfds.testing.mock_data(num_examples=64):
         result = fit(config, workdir=str(tmp_path))
         assert result.spec.image_shape == (32, 32, 3) and result.spec.num_classes == 10
@@ -196,6 +196,16 @@ def test_tfds_image_classification_datasets_by_name(tmp_path):
         assert [int(train[i]["label"]) for i in range(16)] == validation.labels.tolist()
         assert np.array_equal(np.stack([train[i]["image"] for i in range(16)]),
                               validation.images)
+        # --whiten read the training images that follow the validation split
+        from fmnist_jax.build import make_pipeline
+        from fmnist_jax.models import whitening_filters
+        from fmnist_jax.parallel import setup
+        from fmnist_jax.steps import normalize
+        pipeline, spec = make_pipeline(config, None, jax.random.key(0), setup())
+        sample = pipeline.train_sample(1000)
+        assert np.array_equal(sample, np.stack([train[i]["image"] for i in range(16, 64)]))
+        filters = whitening_filters(normalize(sample, (spec.mean, spec.std)))
+        assert filters.shape == (3, 3, 3, 54)
     assert jax.tree.leaves(result.state.params)[0].ndim >= 1
 
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from fmnist_jax.config import preset
 from fmnist_jax.kernels import cpu_compiler_options
-from fmnist_jax.models import CNN, ResNet, count_params, create_model
+from fmnist_jax.models import (CNN, ResNet, count_params, create_model, whiten_first_convolution,
+                               whitening_filters)
 
 
 @pytest.mark.parametrize("name, expected", [("mlp", 266_610), ("cnn_seed", 1_199_882),
@@ -195,3 +196,46 @@ def test_cpu_kernels_train_on_xlas_gradients(name, monkeypatch):
     np.testing.assert_allclose(value32, value_xla, rtol=1e-6)
     for a, b in zip(grad32, grad_xla):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_whitening_filters_whiten_the_patches_a_convolution_sees(channels):
+    rng = np.random.default_rng(0)
+    # Correlated pixels: smoothed noise, scaled per channel
+    noise = rng.normal(size=(64, 16, 16, channels))
+    images = (noise + np.roll(noise, 1, 1) + 0.5 * np.roll(noise, 1, 2)) * np.arange(
+        1, channels + 1)
+    filters = whitening_filters(images, eps=0.0)
+    d = 9 * channels
+    assert filters.shape == (3, 3, channels, 2 * d)
+    np.testing.assert_array_equal(filters[..., 1::2], -filters[..., 0::2])
+    # Through a SAME convolution, as the model applies them: unit, uncorrelated outputs
+    out = jax.lax.conv_general_dilated(
+        jnp.asarray(images, jnp.float32), jnp.asarray(filters[..., 0::2]), (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.cov(np.asarray(out).reshape(-1, d), rowvar=False),
+                               np.eye(d), atol=2e-3)
+    # Largest variance first: the unscaled directions' variances fall
+    norms = np.linalg.norm(filters[..., 0::2].reshape(d, d), axis=0)
+    assert np.all(np.diff(norms) >= 0)  # 1/sqrt(variance) grows
+
+
+def test_whiten_first_convolution_replaces_the_first_filters_only():
+    images = np.random.default_rng(1).normal(size=(32, 28, 28, 1))
+    filters = whitening_filters(images)  # 18 filters
+    cnn = CNN(rngs=nnx.Rngs(0))  # 32 filters
+    before = np.asarray(cnn.convs[0].kernel[...])
+    bias = np.asarray(cnn.convs[0].bias[...])
+    whiten_first_convolution(cnn, filters)
+    after = np.asarray(cnn.convs[0].kernel[...])
+    np.testing.assert_array_equal(after[..., :18], filters)
+    np.testing.assert_array_equal(after[..., 18:], before[..., 18:])
+    np.testing.assert_array_equal(np.asarray(cnn.convs[0].bias[...]), bias)
+    colour = whitening_filters(np.random.default_rng(2).normal(size=(8, 12, 12, 3)))
+    resnet = ResNet((8, 16), 1, image_shape=(12, 12, 3), rngs=nnx.Rngs(0))  # 8 < 54
+    whiten_first_convolution(resnet, colour)
+    np.testing.assert_array_equal(np.asarray(resnet.stem.kernel[...]), colour[..., :8])
+    with pytest.raises(ValueError, match=r"do not fit the first convolution's kernel"):
+        whiten_first_convolution(cnn, colour)
+    with pytest.raises(TypeError, match="MLP is not this library's CNN or ResNet"):
+        whiten_first_convolution(create_model("mlp", rngs=nnx.Rngs(0)), filters)

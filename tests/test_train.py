@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -334,3 +335,29 @@ def test_both_pipelines_are_the_pipeline_protocol():
         expected = inspect.signature(getattr(Pipeline, name))
         for cls in (DeviceResident, Streamed):
             assert inspect.signature(getattr(cls, name)) == expected, (cls, name)
+
+
+def test_whiten_starts_the_first_convolution_from_the_training_images():
+    from fmnist_jax import parallel
+    from fmnist_jax.build import build
+    from fmnist_jax.models import whitening_filters
+    from fmnist_jax.steps import normalize
+
+    data = tiny_dataset()
+    config = Config(whiten=True, features=(32, 16), dense=16, **QUICK)
+    built = build(config, parallel.setup(), data=data)
+    plain = build(Config(features=(32, 16), dense=16, **QUICK), parallel.setup(), data=data)
+    spec = data.spec()
+    filters = whitening_filters(normalize(data.train.images, (spec.mean, spec.std)))
+    kernel = np.asarray(built.state.params["convs"][0]["kernel"])
+    np.testing.assert_allclose(kernel[..., :18], filters, rtol=1e-6)
+    np.testing.assert_array_equal(kernel[..., 18:],
+                                  np.asarray(plain.state.params["convs"][0]["kernel"])[..., 18:])
+    # And it trains
+    result = fit(dataclasses.replace(config, epochs=1), data=data)
+    assert result.summary["test_accuracy"] > 0.5
+    with pytest.raises(UserError, match=r"--model must be cnn or resnet for --whiten "
+                                        r"\(got model=mlp\)"):
+        Config(model="mlp", whiten=True).validate()
+    with pytest.raises(UserError, match=r"whitening_filters\(images\) before fit"):
+        fit(config, model=fmnist_jax.create_model("cnn", rngs=nnx.Rngs(0)), data=data)
