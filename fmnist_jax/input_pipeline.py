@@ -297,11 +297,7 @@ def load_tfds(config, devices: Devices, seed: int) -> tuple[Streamed, DataSpec]:
     known = IDX_DATASETS.get(config.dataset)
     statistics = known.statistics if known else None
     if statistics is None:
-        train = sources["train"]
-        end = min(len(train), config.validation_size + STATISTICS_SAMPLE)
-        record = functools.partial(_record, shape=sources["image_shape"])
-        statistics = pixel_statistics(np.stack(
-            [record(train[i])["image"] for i in range(config.validation_size, end)]))
+        statistics = pixel_statistics(pipeline.train_sample(STATISTICS_SAMPLE))
     mean, std = statistics
     return pipeline, DataSpec(sources["image_shape"], sources["class_names"], tuple(mean),
                               tuple(std), "uint8", config.dataset)
@@ -321,8 +317,8 @@ def load_split(config, which: str = "test", data_dir: str | None = None) -> Spli
     data_dir = data_dir or config.data_dir or None
     if config.data_source == "tfds":
         sources = load_tfds_sources(data_dir, _manual_dir(config.dataset), config.dataset)
-        source = sources[which] if which == "test" else sources["train"]
-        n = len(source) if which == "test" else config.validation_size
+        source, n = ((sources["test"], len(sources["test"])) if which == "test"
+                     else (sources["train"], config.validation_size))
         records = [_record(source[i], sources["image_shape"]) for i in range(n)]
         return Split(np.stack([r["image"] for r in records]),
                      np.array([r["label"] for r in records], np.int32))
