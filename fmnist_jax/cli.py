@@ -34,7 +34,16 @@ def output_pipe_closed() -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} ({self._fix(message)})\n")
+
+    def _fix(self, message: str) -> str:
+        """``fmnist-evaluate runs/cnn``: a run's directory given without its flag."""
+        prefix = "unrecognized arguments: "
+        token = message.removeprefix(prefix)
+        if (message.startswith(prefix) and " " not in token and os.path.isdir(token)
+                and "--workdir" in self._option_string_actions):
+            return f"for a run's directory: --workdir={token}"
+        return "see --help"
 
 
 def _bool(text: str) -> bool:

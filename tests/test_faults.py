@@ -233,6 +233,16 @@ def test_bad_flag(args, message, capsys):
     assert code == 2 and message in one_line(err)
 
 
+def test_a_directory_without_its_flag_is_named_with_the_flag(tmp_path, capsys):
+    """``fmnist-train runs/cnn`` (or ``fmnist-evaluate runs/cnn``): the fix is spelled
+    out; any other stray word still points to --help."""
+    code, err = run_main(capsys, tmp_path)
+    assert code == 2 and one_line(err).endswith(
+        f"unrecognized arguments: {tmp_path} (for a run's directory: --workdir={tmp_path})")
+    code, err = run_main(capsys, "cnn")
+    assert code == 2 and one_line(err).endswith("unrecognized arguments: cnn (see --help)")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch_size=60000", f"--validation_size={SYNTHETIC_VAL}"],
      f"--batch_size=60000 must be between 1 and the {SYNTHETIC_TRAIN - SYNTHETIC_VAL} "
