@@ -33,17 +33,40 @@ def output_pipe_closed() -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    _argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} ({self._fix(message)})\n")
 
     def _fix(self, message: str) -> str:
-        """``fmnist-evaluate runs/cnn``: a run's directory given without its flag."""
-        prefix = "unrecognized arguments: "
-        token = message.removeprefix(prefix)
-        if (message.startswith(prefix) and " " not in token and os.path.isdir(token)
-                and "--workdir" in self._option_string_actions):
-            return f"for a run's directory: --workdir={token}"
+        """``fmnist-evaluate runs/cnn`` or ``fmnist-predict runs/cnn shoe.png``: a run's
+        directory given without its flag."""
+        if "--workdir" in self._option_string_actions:
+            stray = message.removeprefix("unrecognized arguments: ")
+            if message.startswith("unrecognized arguments: ") and " " not in stray:
+                words = [stray]
+            elif message == "the following arguments are required: --workdir":
+                words = self._bare_words()
+            else:
+                words = []
+            for word in words:
+                if os.path.isdir(word):
+                    return f"for a run's directory: --workdir={word}"
         return "see --help"
+
+    def _bare_words(self) -> list[str]:
+        """The words of the command line that are not flags or the values of flags."""
+        words, takes_value = [], False
+        for word in self._argv:
+            if not takes_value and not word.startswith("-"):
+                words.append(word)
+            action = self._option_string_actions.get(word)
+            takes_value = action is not None and action.nargs != 0
+        return words
 
 
 def _bool(text: str) -> bool:

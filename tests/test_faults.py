@@ -448,6 +448,21 @@ def test_predict_bad_input(scenario, make, message, tmp_path, capsys):
     assert code == 2 and message in one_line(err) and str(path) in err
 
 
+def test_predict_names_the_flag_of_a_run_directory(tmp_path, capsys):
+    """``fmnist-predict runs/cnn shoe.png``: the directory is named with its flag; a flag's
+    own value is not taken for it."""
+    from fmnist_jax import predict
+
+    with pytest.raises(SystemExit) as exit_:
+        predict.main([str(tmp_path), "shoe.png"])
+    assert exit_.value.code == 2 and one_line(capsys.readouterr().err).endswith(
+        f"required: --workdir (for a run's directory: --workdir={tmp_path})")
+    with pytest.raises(SystemExit) as exit_:
+        predict.main(["--data_dir", str(tmp_path), "--test_index", "3"])
+    assert exit_.value.code == 2 and one_line(capsys.readouterr().err).endswith(
+        "required: --workdir (see --help)")
+
+
 # ------------------------------------------------------------------ interrupts
 
 def _signal_self_during(monkeypatch, target, name, signum=signal.SIGINT):
